@@ -1,0 +1,489 @@
+"""The one parameter schema: typed, frozen dataclasses loaded from YAML.
+
+``load_config("configs/demo.yaml", ["train.epochs=5"])`` reads the file with
+``yaml.safe_load``, applies dotted overrides, and validates every key and value
+against the dataclass field types *before* any work starts.  An unknown key or
+a bad value raises :class:`ConfigError` naming the dotted key, the valid keys or
+choices, and the closest match.
+
+Names here are the names everywhere: the same strings appear on the command
+line, in HDF5 group names and in the report (``gradcam_pp``, never ``gradcam++``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from cnncam.errors import ConfigError, choice_message, closest
+
+Precision = Literal["fp32", "bf16", "fp16"]
+ModelName = Literal[
+    "simple_cnn", "resnet18", "resnet34", "resnet50", "mobilenet_v2", "vgg16", "efficientnet_b0"
+]
+CamMethod = Literal[
+    "gradcam", "gradcam_pp", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam", "cam"
+]
+Split = Literal["train", "val", "test"]
+TARGET_PATTERN = re.compile(r"^(pred|label|all|class:\d+|topk:[1-9]\d*)$")
+TARGET_CHOICES = "pred, label, all, class:<i>, topk:<k>"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Fractions for splitting a single image folder (ignored for presplit data)."""
+
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val", "test"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"data.split.{name} must be within [0, 1], got {getattr(self, name)}")
+        if self.train <= 0:
+            raise ConfigError("data.split.train must be > 0")
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(
+                f"data.split ratios must sum to 1, got {total:g} ({self.train}+{self.val}+{self.test})"
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/shapes"
+    # auto: use root/train, root/val, root/test when root/train exists, else split root.
+    layout: Literal["auto", "presplit", "single"] = "auto"
+    split: SplitConfig = field(default_factory=SplitConfig)
+    image_size: int = 64
+    # Eval transform: resize the short side to `resize`, then center-crop image_size.
+    # None means round(image_size * 8 / 7), torchvision's usual 224/256 ratio.
+    resize: int | None = None
+    augment: Literal["none", "basic", "full"] = "basic"
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rotation: float = 15.0
+    color_jitter: float = 0.2
+    translate: float = 0.1
+    zoom: float = 0.1
+    normalize: Literal["imagenet", "dataset", "none"] = "imagenet"
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    num_workers: int = 2
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+    # Images with more pixels are refused as decompression bombs (PIL's default limit).
+    max_image_pixels: int = 89_478_485
+
+    def __post_init__(self) -> None:
+        _positive("data.image_size", self.image_size)
+        _positive("data.batch_size", self.batch_size)
+        if self.resize is not None and self.resize < self.image_size:
+            raise ConfigError(f"data.resize ({self.resize}) must be >= data.image_size ({self.image_size})")
+        if self.eval_batch_size is not None:
+            _positive("data.eval_batch_size", self.eval_batch_size)
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        for name in ("hflip", "vflip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"data.{name} is a probability in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def eval_resize(self) -> int:
+        return self.resize if self.resize is not None else round(self.image_size * 8 / 7)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: ModelName = "simple_cnn"
+    # Local path to a torchvision-style state dict; nothing is ever downloaded.
+    pretrained: str | None = None
+    freeze_backbone: bool = False
+    # simple_cnn only: output channels of each conv-BN-ReLU-pool block.
+    channels: tuple[int, ...] = (32, 64, 128)
+    convs_per_block: int = 1
+    # simple_cnn only: hidden units of an extra Linear-ReLU-Dropout before the classifier (0 = none).
+    hidden: int = 0
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not self.channels or any(c <= 0 for c in self.channels):
+            raise ConfigError(
+                f"model.channels must be a non-empty list of positive ints, got {self.channels}"
+            )
+        _positive("model.convs_per_block", self.convs_per_block)
+        if self.hidden < 0:
+            raise ConfigError(f"model.hidden must be >= 0, got {self.hidden}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    scheduler: Literal["none", "cosine", "step", "plateau"] = "cosine"
+    warmup_epochs: float = 0.0
+    step_size: int = 10
+    gamma: float = 0.1
+    plateau_patience: int = 2
+    plateau_factor: float = 0.5
+    min_lr: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    # The metric that picks best.pt and drives early stopping / the plateau scheduler.
+    monitor: Literal["val_loss", "val_accuracy"] = "val_accuracy"
+    patience: int = 0  # early-stopping patience in epochs; 0 disables early stopping
+    min_delta: float = 0.0
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 10  # iterations between metrics.jsonl lines
+    sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under DDP on GPUs (CUDA only)
+
+    def __post_init__(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.lr", self.lr)
+        _positive("train.log_every", self.log_every)
+        _positive("train.step_size", self.step_size)
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.patience < 0:
+            raise ConfigError("train.weight_decay, train.warmup_epochs and train.patience must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class CamConfig:
+    split: Split = "test"
+    checkpoint: str = "best"  # best | last | a path to a .pt file
+    methods: tuple[CamMethod, ...] = ("gradcam",)
+    layers: tuple[str, ...] = ("auto",)
+    targets: str = "pred"
+    batch_size: int = 64
+    num_workers: int = 2
+    precision: Precision = "fp32"
+    metrics: bool = False  # deletion/insertion AUC, pointing game
+    metric_steps: int = 16
+    activations: tuple[str, ...] = ()  # layer names whose activations are recorded
+    activation_images: int = 16  # record activations for the first N images of each shard
+    activation_channels: int | None = None  # first K channels; None = all
+    upsampled: bool = False  # also store maps upsampled to the input size
+    out: str | None = None  # default: runs/<name>/cams
+    queue_size: int = 4  # batches waiting for the HDF5 writer thread
+
+    def __post_init__(self) -> None:
+        if not TARGET_PATTERN.match(self.targets):
+            raise ConfigError(f"cam.targets {self.targets!r} is invalid. Valid choices: {TARGET_CHOICES}")
+        if not self.methods:
+            raise ConfigError("cam.methods must name at least one method")
+        if not self.layers:
+            raise ConfigError("cam.layers must name at least one layer (or 'auto')")
+        _positive("cam.batch_size", self.batch_size)
+        _positive("cam.metric_steps", self.metric_steps)
+        _positive("cam.queue_size", self.queue_size)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    alpha: float = 0.5  # heatmap opacity in the overlay panel
+    colormap: str = "jet"
+    gallery_size: int = 6  # images per gallery (confident right/wrong, least confident)
+    per_class: int = 3  # images per class in the per-class gallery
+    max_channels: int = 32  # feature-map channels shown per layer
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"report.alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    executor: Literal["auto", "slurm", "local", "inline"] = "auto"
+    partition: str | None = None
+    # Partition for the CPU-only steps (CAM merge, report); None = `partition`.
+    cpu_partition: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 1
+    # Training tasks per node; None = one per GPU (1 without GPUs).  DDP on CPU: 2 with gpus_per_node=0.
+    tasks_per_node: int | None = None
+    cpus_per_task: int = 4
+    mem_gb: float | None = None
+    time_min: int = 60
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str | None = None  # prefix of every job name; None = cnncam-<run name>
+    array_parallelism: int = 32
+    extra_sbatch: tuple[str, ...] = ()  # e.g. ["--exclusive", "--reservation=foo"]
+    setup: tuple[str, ...] = ()  # shell lines run before the job: module load, source venv
+    signal_delay_s: int = 120  # USR2 this long before the time limit, to checkpoint
+    max_requeues: int = 10
+
+    def __post_init__(self) -> None:
+        _positive("slurm.nodes", self.nodes)
+        _positive("slurm.cpus_per_task", self.cpus_per_task)
+        _positive("slurm.time_min", self.time_min)
+        _positive("slurm.array_parallelism", self.array_parallelism)
+        if self.gpus_per_node < 0:
+            raise ConfigError(f"slurm.gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        if self.tasks_per_node is not None:
+            _positive("slurm.tasks_per_node", self.tasks_per_node)
+        if self.mem_gb is not None:
+            _positive("slurm.mem_gb", self.mem_gb)
+        if self.max_requeues < 0:
+            raise ConfigError(f"slurm.max_requeues must be >= 0, got {self.max_requeues}")
+        if not 0 <= self.signal_delay_s < self.time_min * 60:
+            raise ConfigError(
+                f"slurm.signal_delay_s ({self.signal_delay_s}) must be >= 0 and shorter than the time limit "
+                f"(slurm.time_min={self.time_min} -> {self.time_min * 60} s)"
+            )
+        # Names, extra sbatch options and setup lines end up in a shell script: checked there
+        # (imported here, lazily, because cnncam.launch imports this module).
+        from cnncam.launch.params import check_sbatch_safety
+
+        check_sbatch_safety(self)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    runs_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(
+                f"name {self.name!r} must be letters, digits, '_', '.', '-' (it names a folder)"
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config, apply ``key.path=value`` overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raw = loaded or {}
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(RunConfig, raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override to a raw config dict, checking the key path."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.path=value, e.g. train.epochs=5")
+    parts = key.split(".")
+    cls: Any = RunConfig
+    node = raw
+    for i, part in enumerate(parts):
+        hints = _fields(cls)
+        if part not in hints:
+            _unknown_key(".".join(parts[: i + 1]), hints)
+        ftype = hints[part]
+        if i == len(parts) - 1:
+            node[part] = _parse_override_value(text, ftype)
+            return
+        if not _is_dataclass_type(ftype):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section; cannot set {key}")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node, cls = child, ftype
+
+
+def _parse_override_value(text: str, ftype: Any) -> Any:
+    # YAML scalars give ints, floats, bools, null and [lists]; a str field keeps the raw
+    # text so `--set name=no` or `--set data.root=007` are not turned into False / 7.
+    if _accepts_str(ftype):
+        stripped = text.strip()
+        if stripped in ("null", "~", "None") and _accepts_none(ftype):
+            return None
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a raw mapping, validating keys and value types."""
+    where = prefix.rstrip(".") or "the config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}")
+    hints = _fields(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            _unknown_key(prefix + str(key), hints)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid {where}: {e}") from None
+
+
+def _coerce(value: Any, ftype: Any, key: str) -> Any:
+    origin = get_origin(ftype)
+    if _is_dataclass_type(ftype):
+        return from_dict(ftype, value, key + ".")
+    if origin is Literal:
+        choices = get_args(ftype)
+        if value not in choices:
+            raise ConfigError(f"{key}: " + choice_message("value", value, [str(c) for c in choices]))
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(ftype)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {ftype}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        args = get_args(ftype)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key} must be a list of {len(args)} values, got {list(value)!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_type = args[0] if args else Any
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if ftype is Any:
+        return value
+    if ftype is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if ftype is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if ftype is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if ftype is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {ftype}")  # a schema bug, not user error
+
+
+def _unknown_key(key: str, hints: dict[str, Any]) -> None:
+    leaf = key.rsplit(".", 1)[-1]
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    msg = f"unknown config key {key!r}"
+    guess = closest(leaf, hints)
+    if guess is not None:
+        msg += f"; did you mean {section + guess!r}?"
+    raise ConfigError(
+        msg + f" Valid keys{' in ' + section.rstrip('.') if section else ''}: {', '.join(hints)}"
+    )
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_dataclass_type(t: Any) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+def _accepts_str(t: Any) -> bool:
+    return t is str or (get_origin(t) in (Union, types.UnionType) and str in get_args(t))
+
+
+def _accepts_none(t: Any) -> bool:
+    return get_origin(t) in (Union, types.UnionType) and type(None) in get_args(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Serialisation
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (lists, not tuples) — safe for YAML, JSON, checkpoints and HDF5 attrs."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def valid_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, for ``--help`` and error messages."""
+    keys: list[str] = []
+    for name, ftype in _fields(cls).items():
+        if _is_dataclass_type(ftype):
+            keys.extend(valid_keys(ftype, f"{prefix}{name}."))
+        else:
+            keys.append(prefix + name)
+    return keys

@@ -1,0 +1,107 @@
+"""Build the datasets, loaders and model a training run needs from its config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from cnncam.config import RunConfig
+from cnncam.data import (
+    DatasetIndex,
+    ImageDataset,
+    discover,
+    eval_transform,
+    load_index,
+    normalization,
+    save_index,
+    train_transform,
+)
+from cnncam.models import create_model
+from cnncam.runs import RunPaths
+from cnncam.train import distributed as D
+
+
+@dataclass
+class DataBundle:
+    index: DatasetIndex
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.index.classes)
+
+
+def load_or_discover(cfg: RunConfig, paths: RunPaths, dist: D.DistInfo) -> DatasetIndex:
+    """The run's split: read from the run dir when saved (resume, CAM export), else discover once.
+
+    Rank 0 scans and writes; the other ranks wait and read the same files, so every rank
+    trains on the identical split.
+    """
+    root = Path(cfg.data.root)
+    if not paths.split_file("train").exists():
+        if dist.is_main:
+            save_index(discover(cfg.data, cfg.seed), paths)
+        D.barrier()
+    return load_index(paths, root)
+
+
+def build_data(cfg: RunConfig, paths: RunPaths, dist: D.DistInfo) -> DataBundle:
+    index = load_or_discover(cfg, paths, dist)
+    root = Path(cfg.data.root)
+    if dist.is_main:  # computes (and caches) dataset statistics once
+        mean, std = normalization(cfg.data, index.splits["train"], root, paths)
+    D.barrier()
+    mean, std = normalization(cfg.data, index.splits["train"], root, paths)
+    train_tf = train_transform(cfg.data, mean, std)
+    eval_tf = eval_transform(cfg.data, mean, std)
+    pixels = cfg.data.max_image_pixels
+
+    def make(split: str, tf: object) -> ImageDataset:
+        return ImageDataset(root, index.splits[split], tf, pixels, seed=cfg.seed)
+
+    return DataBundle(index, make("train", train_tf), make("val", eval_tf), make("test", eval_tf), mean, std)
+
+
+def eval_loader(dataset: ImageDataset, cfg: RunConfig, dist: D.DistInfo, device: torch.device) -> DataLoader:
+    """In-order loader over this rank's share (every world_size-th sample)."""
+    data = (
+        dataset
+        if not dist.is_distributed
+        else Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
+    )
+    return DataLoader(
+        data,
+        batch_size=cfg.data.eval_batch_size or cfg.data.batch_size * 2,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory and device.type == "cuda",
+    )
+
+
+def build_model(
+    cfg: RunConfig, num_classes: int, device: torch.device, dist: D.DistInfo
+) -> tuple[nn.Module, nn.Module]:
+    """(the plain model, the module to call in training: DDP- and/or compile-wrapped)."""
+    model = create_model(cfg.model, num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    wrapped: nn.Module = model
+    if dist.is_distributed:
+        if cfg.train.sync_bn and device.type == "cuda":
+            # Per-rank batch statistics would make N-rank training differ from 1-rank training.
+            # (SyncBatchNorm is CUDA-only; on CPU/gloo each rank normalises its own half batch.)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.train.compile:
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+    return model, wrapped
