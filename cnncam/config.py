@@ -100,6 +100,15 @@ class DataConfig:
         for name in ("hflip", "vflip"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"data.{name} is a probability in [0, 1], got {getattr(self, name)}")
+        # torchvision's own ValueErrors would not name the config key.
+        for key, value, lo, hi in [
+            ("rotation", self.rotation, 0.0, 180.0),
+            ("translate", self.translate, 0.0, 1.0),
+            ("zoom", self.zoom, 0.0, 0.999),
+            ("color_jitter", self.color_jitter, 0.0, 1.0),
+        ]:
+            if not lo <= value <= hi:
+                raise ConfigError(f"data.{key} must be within [{lo:g}, {hi:g}], got {value}")
 
     @property
     def eval_resize(self) -> int:
@@ -189,6 +198,11 @@ class CamConfig:
     upsampled: bool = False  # also store maps upsampled to the input size
     out: str | None = None  # default: runs/<name>/cams
     queue_size: int = 4  # batches waiting for the HDF5 writer thread
+    # GAP + linear heads: gradient maps from the head weights, no backward (checked vs autograd).
+    fast_path: bool = True
+    relu: bool = True  # ReLU on the maps (the papers' convention); false keeps signed maps
+    deletion_baseline: Literal["zero", "blur"] = "zero"  # what deleted pixels become (cam.metrics)
+    durable: bool = True  # fsync the part file after every batch; false: faster, a crash may redo it
 
     def __post_init__(self) -> None:
         if not TARGET_PATTERN.match(self.targets):
@@ -208,11 +222,21 @@ class ReportConfig:
     colormap: str = "jet"
     gallery_size: int = 6  # images per gallery (confident right/wrong, least confident)
     per_class: int = 3  # images per class in the per-class gallery
-    max_channels: int = 32  # feature-map channels shown per layer
+    max_channels: int = 32  # feature-map channels (and first-layer filters) shown per layer
+    images_per_row: int = 16  # columns of the feature-map / filter grids (the seeds' layout)
+    compare_size: int = 4  # images in the side-by-side method/layer comparison
+    dpi: int = 100  # resolution of the PNG figures
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"report.alpha must be in [0, 1], got {self.alpha}")
+        for name in ("gallery_size", "per_class", "compare_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"report.{name} must be >= 0, got {getattr(self, name)}")
+        _positive("report.max_channels", self.max_channels)
+        _positive("report.images_per_row", self.images_per_row)
+        if not 20 <= self.dpi <= 600:
+            raise ConfigError(f"report.dpi must be within [20, 600], got {self.dpi}")
 
 
 @dataclass(frozen=True)

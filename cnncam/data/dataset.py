@@ -1,0 +1,414 @@
+"""Finding images, splitting them reproducibly, saving the split, and a deterministic Dataset.
+
+Two folder layouts (``data.layout``)::
+
+    single:    root/<class>/**/<image>                 split here by data.split ratios
+    presplit:  root/{train,val,test}/<class>/**/<image> split given by the folders
+    auto:      presplit iff root/train is a folder
+
+Every candidate file is decoded once at discovery (in a thread pool: Pillow releases the
+GIL while decoding), so a broken file is listed in ``skipped.json`` instead of killing
+epoch 7 of a 10-hour job.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import operator
+import os
+import random
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, SupportsIndex
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, get_worker_info
+
+from cnncam.config import DataConfig, SplitConfig
+from cnncam.console import track
+from cnncam.data.images import BadImageError, load_rgb
+from cnncam.errors import DataError
+from cnncam.runs import RunPaths, atomic_write_json, atomic_write_text, read_classes, read_json
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[str, int]  # (path relative to data root, POSIX separators; label)
+SPLITS = ("train", "val", "test")
+_CHUNK = 4096  # files submitted to the decode pool at a time (bounded memory for 1M-file folders)
+
+
+class BadImageWarning(UserWarning):
+    """Some images could not be decoded and were left out."""
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """What discovery found: classes (index = label id), the three splits, skipped files."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def class_counts(self, split: str) -> list[int]:
+        """Images per class in ``split``, indexed by label."""
+        counts = [0] * len(self.classes)
+        for _, label in self.splits.get(split, []):
+            counts[label] += 1
+        return counts
+
+
+def split_counts(n: int, ratios: tuple[float, float, float] | SplitConfig) -> tuple[int, int, int]:
+    """(train, val, test) sizes for ``n`` images: val and test rounded half up, train the rest."""
+    if isinstance(ratios, SplitConfig):
+        ratios = (ratios.train, ratios.val, ratios.test)
+    n_val = int(np.floor(n * ratios[1] + 0.5))
+    n_test = min(int(np.floor(n * ratios[2] + 0.5)), n - n_val)
+    return n - n_val - n_test, n_val, n_test
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery
+
+
+def discover(cfg: DataConfig, seed: int) -> DatasetIndex:
+    """Scan ``cfg.root``, decode every image once, and split it.
+
+    Raises
+    ------
+    DataError
+        Root missing, no class folders, an empty class folder, a single class, presplit
+        folders with different class sets, or a class left with no training image.
+    """
+    root = Path(cfg.root)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data.root {str(root)!r} {what}")
+    presplit = _is_presplit(root, cfg.layout)
+    classes, found = _find_images(root, presplit, cfg.extensions)
+    all_files = [f for per_class in found.values() for files in per_class.values() for f in files]
+    bad = _check_images(root, all_files, cfg.max_image_pixels)
+    skipped = [{"path": rel, "reason": bad[rel]} for rel in sorted(bad)]
+    if skipped:
+        _warn_skipped(root, skipped)
+    good = {
+        s: {c: [f for f in files if f not in bad] for c, files in per_class.items()}
+        for s, per_class in found.items()
+    }
+    if presplit:
+        _require_training_images(root, good["train"], bad, "train/")
+        splits = {s: _labelled(good.get(s, {}), classes) for s in SPLITS}
+    else:
+        _require_training_images(root, good["all"], bad, "")
+        splits = _split_single(good["all"], classes, cfg.split, seed)
+    return DatasetIndex(root=root, classes=classes, splits=splits, skipped=skipped)
+
+
+def _find_images(
+    root: Path, presplit: bool, extensions: Sequence[str]
+) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
+    """(classes, {split or "all": {class: sorted relative paths}}) with structural checks."""
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    if presplit:
+        classes = _presplit_classes(root)
+        found = {s: _list_images(root, root / s, classes, exts) for s in SPLITS if (root / s).is_dir()}
+    else:
+        classes = _class_names(root)
+        found = {"all": _list_images(root, root, classes, exts)}
+    if len(classes) < 2:
+        raise DataError(
+            f"{root} holds a single class ({classes[0]!r}); classification needs at least 2 classes"
+        )
+    return classes, found
+
+
+def _is_presplit(root: Path, layout: str) -> bool:
+    if layout == "auto":
+        return (root / "train").is_dir()
+    if layout == "presplit" and not (root / "train").is_dir():
+        raise DataError(
+            f"data.layout is 'presplit' but {root / 'train'} is not a folder; "
+            f"expected {root}/train/<class>/<image> (or use data.layout=single)"
+        )
+    return layout == "presplit"
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _class_names(folder: Path) -> list[str]:
+    names = sorted(d.name for d in folder.iterdir() if _visible(d) and d.is_dir())
+    if not names:
+        loose = sum(1 for f in folder.iterdir() if _visible(f) and f.is_file())
+        hint = f" ({loose} files lie directly in it: put them in one sub-folder per class)" if loose else ""
+        raise DataError(f"no class folders in {folder}{hint}; expected {folder}/<class>/<image>")
+    return names
+
+
+def _presplit_classes(root: Path) -> list[str]:
+    classes = _class_names(root / "train")
+    problems = []
+    for split in SPLITS[1:]:
+        if not (root / split).is_dir():
+            continue
+        other = set(_class_names(root / split))
+        missing, extra = sorted(set(classes) - other), sorted(other - set(classes))
+        if missing:
+            problems.append(f"{split}/ lacks {', '.join(missing)}")
+        if extra:
+            problems.append(f"{split}/ has {', '.join(extra)} which train/ lacks")
+    if problems:
+        raise DataError(f"presplit class folders differ under {root}: " + "; ".join(problems))
+    if not (root / "val").is_dir():
+        warnings.warn(f"{root} has no val/ folder: validation metrics will be empty", stacklevel=3)
+    return classes
+
+
+def _list_images(root: Path, folder: Path, classes: list[str], exts: set[str]) -> dict[str, list[str]]:
+    """class -> sorted image paths relative to ``root``; raises on empty class folders."""
+    found = {c: _walk(root, folder / c, exts) for c in classes}
+    empty = [str(folder / c) for c, files in found.items() if not files]
+    if empty:
+        raise DataError(f"empty class folder(s) with no {'/'.join(sorted(exts))} files: {', '.join(empty)}")
+    return found
+
+
+def _walk(root: Path, folder: Path, exts: set[str]) -> list[str]:
+    files = []
+    # followlinks like torchvision's ImageFolder: datasets are often symlinked into place.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
+                files.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(files)
+
+
+def _check_images(root: Path, files: list[str], max_pixels: int) -> dict[str, str]:
+    """rel path -> reason, for every file that ``load_rgb`` refuses."""
+
+    def check(rel: str) -> str | None:
+        try:
+            load_rgb(root / rel, max_pixels)
+        except BadImageError as e:
+            return e.reason
+        return None
+
+    def reasons() -> Iterator[str | None]:
+        with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
+            for start in range(0, len(files), _CHUNK):
+                yield from pool.map(check, files[start : start + _CHUNK])
+
+    bad = {}
+    for rel, reason in zip(files, track(reasons(), total=len(files), desc="checking images", unit="img")):
+        if reason is not None:
+            bad[rel] = reason
+    return bad
+
+
+def _warn_skipped(root: Path, skipped: list[dict[str, str]]) -> None:
+    shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:10])
+    more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    warnings.warn(
+        f"skipped {len(skipped)} unreadable image(s) under {root} (listed in skipped.json): {shown}{more}",
+        BadImageWarning,
+        stacklevel=3,
+    )
+
+
+def _require_training_images(
+    root: Path, good: dict[str, list[str]], bad: dict[str, str], prefix: str
+) -> None:
+    for cls, files in good.items():
+        if not files:
+            n_bad = sum(1 for rel in bad if rel.startswith(f"{prefix}{cls}/"))
+            raise DataError(
+                f"class {cls!r} under {root} has no usable training image ({n_bad} skipped as unreadable)"
+            )
+
+
+def _labelled(per_class: dict[str, list[str]], classes: list[str]) -> list[Sample]:
+    return [(rel, label) for label, c in enumerate(classes) for rel in per_class.get(c, [])]
+
+
+def _split_single(
+    per_class: dict[str, list[str]], classes: list[str], ratios: SplitConfig, seed: int
+) -> dict[str, list[Sample]]:
+    """Stratified split: shuffle each class with its own seeded generator, then cut by counts."""
+    splits: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+    for label, cls in enumerate(classes):
+        files = per_class[cls]
+        counts = split_counts(len(files), ratios)
+        if counts[0] == 0:
+            raise DataError(
+                f"data.split {ratios.train}/{ratios.val}/{ratios.test} leaves class {cls!r} "
+                f"({len(files)} images) with no training image; add images or lower val/test"
+            )
+        # Seeded by the class *name*: adding a class does not reshuffle the others.
+        order = np.random.default_rng([seed % 2**64, zlib.crc32(cls.encode())]).permutation(len(files))
+        bounds = np.cumsum(counts)
+        for pos, i in enumerate(order):
+            split = SPLITS[int(np.searchsorted(bounds, pos, side="right"))]
+            splits[split].append((files[i], label))
+    # Grouped by label, then path: the same order presplit folders give.
+    return {s: sorted(samples, key=lambda x: (x[1], x[0])) for s, samples in splits.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading the split
+
+
+def save_index(index: DatasetIndex, paths: RunPaths) -> None:
+    """Write classes.json, splits/{train,val,test}.csv (header ``path,label``) and skipped.json."""
+    atomic_write_json(paths.classes, list(index.classes))
+    for split in SPLITS:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["path", "label"])
+        writer.writerows(index.splits.get(split, []))
+        atomic_write_text(paths.split_file(split), buf.getvalue())
+    atomic_write_json(paths.skipped, list(index.skipped))
+
+
+def load_index(paths: RunPaths, root: Path) -> DatasetIndex:
+    """Read back what :func:`save_index` wrote: the exact same split, without re-scanning."""
+    classes = read_classes(paths)
+    splits = {split: _read_split(paths.split_file(split), len(classes)) for split in SPLITS}
+    skipped = read_json(paths.skipped) if paths.skipped.is_file() else []
+    return DatasetIndex(root=Path(root), classes=classes, splits=splits, skipped=skipped)
+
+
+def _read_split(path: Path, num_classes: int) -> list[Sample]:
+    if not path.is_file():
+        raise DataError(f"{path} is missing: this run has no saved split (run training first)")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] != ["path", "label"]:
+        raise DataError(f"{path} must start with the header 'path,label'")
+    samples = []
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != 2 or not row[1].isdigit() or int(row[1]) >= num_classes:
+            raise DataError(f"{path} line {n}: expected '<path>,<label 0..{num_classes - 1}>', got {row}")
+        samples.append((row[0], int(row[1])))
+    return samples
+
+
+def load_boxes(root: Path) -> dict[str, tuple[int, int, int, int]] | None:
+    """``root/boxes.json`` as {relative path: (x0, y0, x1, y1)}, or None when there is none."""
+    path = Path(root) / "boxes.json"
+    if not path.is_file():
+        return None
+    try:
+        raw: Any = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path} must map image paths to [x0, y0, x1, y1]")
+    boxes = {}
+    for rel, box in raw.items():
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)):
+            raise DataError(f"{path}: box of {rel!r} must be 4 integers [x0, y0, x1, y1], got {box!r}")
+        boxes[rel] = (box[0], box[1], box[2], box[3])
+    return boxes
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """64-bit seed of one sample's augmentation: a pure function of (seed, epoch, index)."""
+    words = [seed % 2**64, epoch % 2**64, index % 2**64]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
+
+
+class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
+    """Images of one split; ``ds[i]`` or ``ds[(i, epoch)]`` -> ``(image (3, H, W), label, index)``.
+
+    Determinism: before the random ``transform`` runs, Python's ``random`` and torch's CPU
+    generator are seeded with :func:`sample_seed` ``(seed, epoch, index)`` so a sample's
+    augmentation does not depend on worker count or fetch order (exact resume mid-epoch).
+    In the main process (``num_workers=0``) both RNG states are restored afterwards, so
+    the caller's random stream is untouched.  CUDA generators are never touched.
+
+    Fallback: a file that no longer decodes (changed on disk after discovery) logs one
+    warning and is replaced by the next decodable sample ``j = index+1, index+2, ...``
+    (wrapping); the returned triple is then exactly ``ds[(j, epoch)]``, index ``j`` included,
+    so image, label and index always agree.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        samples: Sequence[Sample],
+        transform: Callable[[Image.Image], torch.Tensor],
+        max_pixels: int,
+        seed: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        self.samples = list(samples)
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.seed = seed
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: SupportsIndex | Sequence[SupportsIndex]) -> tuple[torch.Tensor, int, int]:
+        index, epoch = self._parse_key(key)
+        n = len(self.samples)
+        for attempt in range(n):
+            j = (index + attempt) % n
+            rel, label = self.samples[j]
+            try:
+                image = load_rgb(self.root / rel, self.max_pixels)
+            except BadImageError as e:
+                self._warn_once(rel, e.reason)
+                continue
+            return self._transform(image, sample_seed(self.seed, epoch, j)), label, j
+        raise DataError(f"none of the {n} images of this split under {self.root} can be decoded any more")
+
+    def _parse_key(self, key: SupportsIndex | Sequence[SupportsIndex]) -> tuple[int, int]:
+        if isinstance(key, Sequence):
+            if len(key) != 2:
+                raise TypeError(f"ImageDataset keys are an index or (index, epoch), got {key!r}")
+            index, epoch = operator.index(key[0]), operator.index(key[1])
+        else:
+            index, epoch = operator.index(key), 0
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        return index % len(self), epoch
+
+    def _transform(self, image: Image.Image, seed: int) -> torch.Tensor:
+        if get_worker_info() is not None:  # a worker's RNG belongs to nobody else
+            return self._seeded(image, seed)
+        py_state, torch_state = random.getstate(), torch.get_rng_state()
+        try:
+            return self._seeded(image, seed)
+        finally:
+            random.setstate(py_state)
+            torch.set_rng_state(torch_state)
+
+    def _seeded(self, image: Image.Image, seed: int) -> torch.Tensor:
+        random.seed(seed)
+        # Not torch.manual_seed: that would also reseed every CUDA generator.
+        torch.default_generator.manual_seed(seed)
+        return self.transform(image)
+
+    def _warn_once(self, rel: str, reason: str) -> None:
+        if rel not in self._warned:
+            self._warned.add(rel)
+            log.warning(
+                "cannot decode %s any more (%s); using the next image instead", self.root / rel, reason
+            )
