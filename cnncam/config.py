@@ -442,6 +442,12 @@ def _coerce(value: Any, ftype: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if ftype is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string; users write it that way.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Run the test suite, first installing and starting what the integration tests need.
+#
+# As root on Debian (CI, a VM): apt installs hdf5-tools (h5ls), chromium + chromedriver (report
+# browser test) and a real single-node Slurm (slurm/up.sh), torn down again on exit.
+# Without root the suite still runs; tests whose tools are missing skip — except when CI=true,
+# where they fail instead (a green CI run must have exercised them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    missing=()
+    command -v h5ls >/dev/null || missing+=(hdf5-tools)
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "[tests/run.sh] installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    bash slurm/up.sh
+    trap 'bash slurm/down.sh' EXIT
+else
+    echo "[tests/run.sh] not root or no apt-get: using the tools already installed"
+fi
+
+"$PYTHON" -m pytest -q "$@"
