@@ -1,0 +1,312 @@
+"""``python jobs/launch.py {train,cam,merge,report,pipeline,status,logs,cancel,synth,probe} ...``
+
+Argument parsing only.  Every flag is sugar for a ``--set key=value`` override, so the
+config schema (:mod:`cnncam.config`) stays the one place that validates values; bad values
+fail here, before anything is submitted.  Submission goes through one path
+(:class:`cnncam.launch.executors.Launcher`) whatever the command and executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from cnncam.config import RunConfig, load_config
+from cnncam.errors import CnncamError, ConfigError
+
+if TYPE_CHECKING:
+    from cnncam.launch.executors import Launcher
+
+PROG = "python jobs/launch.py"
+# CLI flag (argparse dest) → config key.
+SLURM_FLAGS = {
+    "partition": "slurm.partition", "cpu_partition": "slurm.cpu_partition", "nodes": "slurm.nodes",
+    "gpus": "slurm.gpus_per_node",
+    "tasks_per_node": "slurm.tasks_per_node", "cpus_per_task": "slurm.cpus_per_task",
+    "mem_gb": "slurm.mem_gb", "time": "slurm.time_min", "account": "slurm.account", "qos": "slurm.qos",
+    "constraint": "slurm.constraint", "job_name": "slurm.job_name",
+    "array_parallelism": "slurm.array_parallelism", "sbatch_extra": "slurm.extra_sbatch",
+    "setup": "slurm.setup", "signal_delay": "slurm.signal_delay_s", "executor": "slurm.executor",
+}
+CAM_FLAGS = {
+    "split": "cam.split", "method": "cam.methods", "layer": "cam.layers", "targets": "cam.targets",
+    "metrics": "cam.metrics", "activations": "cam.activations", "checkpoint": "cam.checkpoint",
+}
+
+
+def override_text(value: Any) -> str:
+    """A Python value as ``--set`` text: lists as JSON (a YAML subset), strings as they are."""
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def profile_overrides(path: str) -> list[str]:
+    """A ``configs/slurm/*.yaml`` profile (a config file holding only ``slurm:``) as overrides."""
+    p = Path(path)
+    if not p.is_file():
+        choices = sorted(str(x) for x in Path("configs/slurm").glob("*.yaml"))
+        raise ConfigError(
+            f"Slurm profile {path!r} does not exist. Profiles here: {', '.join(choices) or 'none'}"
+        )
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Slurm profile {path!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or set(raw) - {"slurm"} or not isinstance(raw.get("slurm", {}), dict):
+        raise ConfigError(f"Slurm profile {path!r} must hold only a 'slurm:' mapping of slurm.* keys")
+    return [f"slurm.{k}={override_text(v)}" for k, v in (raw.get("slurm") or {}).items()]
+
+
+def overrides_from(args: argparse.Namespace) -> list[str]:
+    """Profile, then flags, then explicit ``--set`` (the last one wins)."""
+    from cnncam.launch.params import parse_time
+
+    out = profile_overrides(args.profile) if getattr(args, "profile", None) else []
+    for flags in (SLURM_FLAGS, CAM_FLAGS):
+        for dest, key in flags.items():
+            value = getattr(args, dest, None)
+            if value is None or value is False:
+                continue
+            if dest == "time":
+                value = parse_time(value)
+            out.append(f"{key}={override_text(value)}")
+    return out + list(getattr(args, "set", None) or [])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` → (2, 8)."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants i/n, e.g. 0/4; got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return k, n
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+
+
+def _launch_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("submission (each flag is sugar for --set slurm.*)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
+    g.add_argument("--executor", choices=("auto", "slurm", "local", "inline"),
+                   help="default auto: slurm when sbatch is on PATH, else local; inline runs in this process")
+    g.add_argument("--profile", metavar="YAML", help="Slurm profile, e.g. configs/slurm/gpu.yaml")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit nothing")
+    g.add_argument("--partition")
+    g.add_argument("--cpu-partition", metavar="PARTITION",
+                   help="partition for CPU-only steps (merge, report)")
+    g.add_argument("--nodes", type=int)
+    g.add_argument("--gpus", type=int, help="GPUs per node (training starts one task per GPU)")
+    g.add_argument("--tasks-per-node", type=int, help="tasks per node; with --gpus 0: DDP on CPU (gloo)")
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--mem-gb", type=float)
+    g.add_argument("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint")
+    g.add_argument("--job-name", help="prefix of the job names")
+    g.add_argument("--array-parallelism", type=int, help="max array tasks running at once")
+    g.add_argument("--sbatch-extra", action="append", metavar="--KEY=VALUE",
+                   help="extra sbatch option; use the = form: --sbatch-extra=--exclusive")
+    g.add_argument("--setup", action="append", metavar="LINE",
+                   help="shell line run before the job, e.g. 'module load cuda' (repeatable)")
+    g.add_argument("--signal-delay", type=int, metavar="S",
+                   help="send USR2 this many seconds before the time limit, to checkpoint")
+    return p
+
+
+def _cam_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("CAM export (sugar for --set cam.*)")
+    g.add_argument("--split", choices=("train", "val", "test"))
+    g.add_argument("--method", action="append", help="CAM method (repeatable), e.g. gradcam, gradcam_pp")
+    g.add_argument("--layer", action="append", help="target layer (repeatable); 'auto' = last conv")
+    g.add_argument("--targets", help="pred, label, all, class:<i> or topk:<k>")
+    g.add_argument("--metrics", action="store_true", default=None,
+                   help="deletion/insertion AUC, pointing game")
+    g.add_argument("--activations", nargs="+", metavar="LAYER", help="record activations of these layers")
+    g.add_argument("--checkpoint", help="best, last or a path to a .pt file")
+    g.add_argument("--shards", type=int, metavar="N", help="split the export into an N-task job array")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Train CNN classifiers and explain them with CAMs, on Slurm or locally.",
+        epilog=f"Most commands submit jobs and return at once; then: {PROG} status --run runs/<name>",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    launch, cam = _launch_parent(), _cam_parent()
+    run_help = "run directory, e.g. runs/<name>"
+
+    p = sub.add_parser("train", parents=[launch], help="train (or resume) a classifier")
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p = sub.add_parser("cam", parents=[cam, launch], help="export CAMs of a trained run (array + merge)")
+    p.add_argument("--run", required=True, help=run_help)
+    p.add_argument("--shard", type=parse_shard, metavar="I/N", help="export only shard I of N (no merge)")
+    p.add_argument("--retry-failed", action="store_true", help="resubmit only shards that are not complete")
+    p = sub.add_parser("merge", parents=[launch], help="merge CAM part files into cams.h5")
+    p.add_argument("--run", required=True, help=run_help)
+    p.add_argument("--shards", type=int, metavar="N", help="number of parts (default: the last cam array)")
+    p = sub.add_parser("report", parents=[launch], help="build the offline HTML report")
+    p.add_argument("--run", required=True, help=run_help)
+    p.add_argument("--cams", help="merged CAM file (default: <run>/cams/cams.h5)")
+    p.add_argument("--out", help="output folder (default: <run>/report)")
+    p = sub.add_parser("pipeline", parents=[cam, launch], help="train -> cam -> report, chained by Slurm")
+    p.add_argument("--config", help="YAML config")
+    p = sub.add_parser("probe", parents=[launch], help="check a cluster set-up with a tiny fake job")
+    p.add_argument("--config", help="YAML config (its name/runs_dir choose the run directory)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--step-s", type=float, default=0.2, help="seconds per step")
+    p.add_argument("--shards", type=int, metavar="N", help="an N-task array and a merge job")
+    p.add_argument("--retry-failed", action="store_true")
+    p.add_argument("--allreduce", action="store_true", help="gloo all-reduce across the tasks")
+    p.add_argument("--fail", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("status", help="table of the run's jobs: state, elapsed, node, restarts")
+    p.add_argument("--run", required=True, help=run_help)
+    p = sub.add_parser("logs", help="print (or --follow) a job's output")
+    p.add_argument("--run", required=True, help=run_help)
+    p.add_argument("--job", help="job id or kind (train, cam, merge, report); default: the latest")
+    p.add_argument("--task", type=int, help="array task index (see status)")
+    p.add_argument("--rank", type=int, default=0, help="task rank within a multi-task job")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p = sub.add_parser("cancel", help="cancel every unfinished job of the run")
+    p.add_argument("--run", required=True, help=run_help)
+    # Arguments after "synth" go to cnncam.data.synthetic.main untouched (see main()).
+    sub.add_parser("synth", help="write a synthetic image-folder dataset (synth --help for its options)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    overrides = overrides_from(args)
+    if getattr(args, "run", None):
+        run = Path(args.run)
+        if not (run / "config.yaml").is_file():
+            raise CnncamError(f"{args.run} is not a cnncam run directory (no config.yaml); train first")
+        # The folder given wins over name/runs_dir saved in it (the run may have moved).
+        overrides = [f"runs_dir={run.parent}", f"name={run.name}", *overrides]
+        return load_config(run / "config.yaml", overrides)
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def _submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from cnncam.launch import workflows as W
+    from cnncam.launch.executors import Launcher
+    from cnncam.launch.params import resolve_executor
+
+    cfg = _config(args)
+    executor, why = resolve_executor(cfg.slurm.executor, args.dry_run)
+    print(f"executor: {executor} ({why})")
+    launcher = Launcher(executor, cfg.run_dir, cfg.name, cfg.slurm, dry_run=args.dry_run,
+                        command=f"{PROG} {shlex.join(argv)}")
+    shards = getattr(args, "shards", None)
+    try:
+        if args.command == "train":
+            W.launch_train(launcher, cfg)
+        elif args.command == "cam":
+            W.launch_cam(launcher, cfg, shards, args.shard, args.retry_failed)
+        elif args.command == "merge":
+            W.launch_merge(launcher, cfg, shards)
+        elif args.command == "report":
+            W.launch_report(launcher, cfg, args.cams, args.out)
+        elif args.command == "pipeline":
+            W.launch_pipeline(launcher, cfg, shards)
+        else:
+            W.launch_probe(launcher, cfg.run_dir / "probe", args.steps, args.step_s, shards,
+                           args.retry_failed, args.allreduce, args.fail)
+    finally:  # also when a later job of a chain is refused: say what was queued already
+        _print_submitted(launcher, args.run if getattr(args, "run", None) else str(cfg.run_dir))
+    return 0
+
+
+def _print_submitted(launcher: Launcher, run: str) -> None:
+    if not launcher.submitted:
+        return
+    if launcher.dry_run:
+        print(f"dry run: nothing submitted ({len(launcher.submitted)} job(s) shown)")
+        return
+    for rec in launcher.submitted:
+        if rec.executor == "inline":
+            print(f"{rec.kind}: ran inline, {rec.state}")
+            continue
+        what = f"array {rec.job_id} ({len(rec.tasks)} tasks)" if len(rec.tasks) > 1 else f"job {rec.job_id}"
+        after = f", after {', '.join(rec.after)}" if rec.after else ""
+        shards = f", shards {rec.shards}" if rec.shards else ""
+        print(f"submitted {rec.kind}: {what}{shards}{after}")
+    if launcher.executor != "inline":
+        q = shlex.quote(run)
+        print(f"recorded in {launcher.paths.jobs}; follow with:\n"
+              f"  {PROG} status --run {q}\n  {PROG} logs --run {q} --follow\n  {PROG} cancel --run {q}")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cnncam.launch.jobs import format_status, job_status, require_records
+    from cnncam.runs import RunPaths
+
+    print(format_status(job_status(require_records(RunPaths(Path(args.run))))))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from cnncam.launch.jobs import find_task, follow_logs, job_status, log_paths, require_records
+    from cnncam.runs import RunPaths
+
+    rec, task_id = find_task(require_records(RunPaths(Path(args.run))), args.job, args.task)
+    if args.follow:
+        def is_done() -> bool:
+            rows = [r for r in job_status([rec]) if r.job_id == task_id]
+            return all(r.done for r in rows)
+
+        follow_logs(rec, task_id, args.rank, lambda s: print(s, end="", flush=True), is_done)
+        return 0
+    for path in log_paths(rec, task_id, args.rank):
+        print(f"==> {path} <==")
+        print(path.read_text(errors="replace") if path.exists() else "(not written yet)")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from cnncam.launch.jobs import cancel_jobs
+    from cnncam.runs import RunPaths
+
+    ids = cancel_jobs(RunPaths(Path(args.run)))
+    print(f"cancelled: {', '.join(ids)}" if ids else "nothing to cancel: every job has finished")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["synth"]:
+        from cnncam.data.synthetic import main as synth_main
+
+        return synth_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        handlers = {"status": _status, "logs": _logs, "cancel": _cancel}
+        if args.command in handlers:
+            return handlers[args.command](args)
+        return _submit(args, argv)
+    except CnncamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
