@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -56,15 +58,17 @@ def load_or_discover(cfg: RunConfig, paths: RunPaths, dist: D.DistInfo) -> Datas
 def build_data(cfg: RunConfig, paths: RunPaths, dist: D.DistInfo) -> DataBundle:
     index = load_or_discover(cfg, paths, dist)
     root = Path(cfg.data.root)
-    if dist.is_main:  # computes (and caches) dataset statistics once
+    # Rank 0 computes (and caches) dataset statistics; the others then read the cache.
+    if dist.is_main:
         mean, std = normalization(cfg.data, index.splits["train"], root, paths)
     D.barrier()
-    mean, std = normalization(cfg.data, index.splits["train"], root, paths)
+    if not dist.is_main:
+        mean, std = normalization(cfg.data, index.splits["train"], root, paths)
     train_tf = train_transform(cfg.data, mean, std)
     eval_tf = eval_transform(cfg.data, mean, std)
     pixels = cfg.data.max_image_pixels
 
-    def make(split: str, tf: object) -> ImageDataset:
+    def make(split: str, tf: Callable[[Image.Image], torch.Tensor]) -> ImageDataset:
         return ImageDataset(root, index.splits[split], tf, pixels, seed=cfg.seed)
 
     return DataBundle(index, make("train", train_tf), make("val", eval_tf), make("test", eval_tf), mean, std)

@@ -199,7 +199,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         sums = D.all_reduce_sum(self.sums.to(self.device)).cpu()
-        train_loss, train_acc = float(sums[0] / max(sums[2], 1)), float(sums[1] / max(sums[2], 1))
+        train_loss, train_acc = _ratio(sums[0], sums[2]), _ratio(sums[1], sums[2])
         lr = self.optimizer.param_groups[0]["lr"]
         self.metrics.append(
             {
@@ -266,8 +266,8 @@ class Trainer:
                 "kind": "iter",
                 "epoch": self.epoch + self.batch / max(self.steps_per_epoch, 1),
                 "step": self.global_step,
-                "loss": float(w[0] / max(w[2], 1)),
-                "accuracy": float(w[1] / max(w[2], 1)),
+                "loss": _ratio(w[0], w[2]),
+                "accuracy": _ratio(w[1], w[2]),
                 "lr": lr,
                 "images_per_s": float(w[2]) / max(seconds, 1e-9),
             }
@@ -417,6 +417,10 @@ class Trainer:
         return TrainResult(
             status, self.epoch, self.global_step, self.early.best, self.early.best_epoch, test_acc
         )
+
+
+def _ratio(total: torch.Tensor, count: torch.Tensor) -> float:
+    return float(total) / max(float(count), 1.0)
 
 
 def _gather_objects(obj: Any) -> list[Any]:
