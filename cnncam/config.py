@@ -225,6 +225,8 @@ class ReportConfig:
     max_channels: int = 32  # feature-map channels (and first-layer filters) shown per layer
     images_per_row: int = 16  # columns of the feature-map / filter grids (the seeds' layout)
     compare_size: int = 4  # images in the side-by-side method/layer comparison
+    # Per-class galleries and mean maps for at most this many classes (the lowest recall first).
+    max_classes: int = 50
     dpi: int = 100  # resolution of the PNG figures
 
     def __post_init__(self) -> None:
@@ -234,6 +236,7 @@ class ReportConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"report.{name} must be >= 0, got {getattr(self, name)}")
         _positive("report.max_channels", self.max_channels)
+        _positive("report.max_classes", self.max_classes)
         _positive("report.images_per_row", self.images_per_row)
         if not 20 <= self.dpi <= 600:
             raise ConfigError(f"report.dpi must be within [20, 600], got {self.dpi}")

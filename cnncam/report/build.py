@@ -1,0 +1,218 @@
+"""``build_report``: a run directory (+ its CAM file) -> ``report/index.html`` with PNG figures.
+
+Needs no model and no GPU: only ``config.yaml``, ``metrics.jsonl``, the small run files and the
+HDF5 export, read in bounded-memory windows (:mod:`cnncam.report.select`).
+
+Atomicity: figures go to a fresh ``figures-<build id>/`` folder, then ``summary.json`` and
+``index.html`` are replaced atomically (``cnncam.runs.atomic_write_text``), and only then are
+older ``figures-*`` folders removed.  A crash at any point leaves the previous report intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnncam.cam.viz import colormap_lut
+from cnncam.config import ReportConfig, RunConfig
+from cnncam.errors import CamError, ConfigError
+from cnncam.report import html as H
+from cnncam.report import sections as S
+from cnncam.report import summary as R
+from cnncam.report.diagnose import Curves, curves, diagnose
+from cnncam.report.select import scan
+from cnncam.runs import RunPaths, atomic_write_json, atomic_write_text, load_run, read_classes, read_metrics
+from cnncam.storage import MERGED_FILENAME, CamFile, open_cams
+
+log = logging.getLogger(__name__)
+FIGURE_DIR = re.compile(r"^figures-\d{8}T\d{6}-[0-9a-f]{8}$")
+
+
+def build_report(
+    run_dir: Path, cams: Path | None = None, out: Path | None = None, cfg: ReportConfig | None = None
+) -> Path:
+    """Build the offline report of ``run_dir`` and return the path of its ``index.html``.
+
+    Parameters
+    ----------
+    run_dir : a cnncam run directory (``config.yaml`` required; everything else optional).
+    cams : CAM file to show (merged ``cams.h5`` or one part); None = ``cams.h5`` in ``cam.out`` (default
+        ``<run>/cams``) if present, else a report without CAMs.
+    out : output folder; None = ``<run>/report``.
+    cfg : report settings; None = the run config's ``report`` section.
+    """
+    run_cfg, paths = load_run(run_dir)
+    rc = cfg if cfg is not None else run_cfg.report
+    try:
+        colormap_lut(rc.colormap)
+    except CamError as e:
+        raise ConfigError(f"report.colormap: {e}") from None
+    out = Path(out) if out is not None else paths.report
+    cams_path = Path(cams) if cams is not None else _default_cams(run_cfg, paths)
+    out.mkdir(parents=True, exist_ok=True)
+    build_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.urandom(4).hex()}"
+    figs = S.FigureWriter(out / f"figures-{build_id}", rc.dpi)
+    try:
+        sections, summary = _build(run_cfg, paths, cams_path, rc, figs)
+        summary.update(build=build_id, generated_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       figures=list(figs.written))
+        atomic_write_json(out / "summary.json", _plain(summary))
+        subtitle = f"{paths.root} · generated {summary['generated_utc']}"
+        atomic_write_text(out / "index.html", H.page(f"cnncam report: {run_cfg.name}", subtitle, sections))
+    except BaseException:
+        shutil.rmtree(figs.folder, ignore_errors=True)
+        raise
+    _remove_old_figures(out, keep=figs.folder.name)
+    log.info("report written to %s (%d figures)", out / "index.html", len(figs.written))
+    return out / "index.html"
+
+
+def _default_cams(cfg: RunConfig, paths: RunPaths) -> Path | None:
+    """``cams.h5`` where the export writes it (``cam.out``, else ``<run>/cams``), if it exists."""
+    merged = (Path(cfg.cam.out) if cfg.cam.out else paths.cams) / MERGED_FILENAME
+    return merged if merged.is_file() else None
+
+
+def _build(
+    cfg: RunConfig, paths: RunPaths, cams_path: Path | None, rc: ReportConfig, figs: S.FigureWriter
+) -> tuple[list[tuple[str, str, H.Raw]], dict[str, Any]]:
+    records = read_metrics(paths.metrics) if paths.metrics.is_file() else []
+    c = curves(records)
+    diag = diagnose(records, cfg.train, cfg.data, cfg.model)
+    summary: dict[str, Any] = {"run": cfg.name, "diagnosis": diag.to_dict(), "notes": []}
+    sections: list[tuple[str, str, H.Raw]] = []
+    if cams_path is None:
+        summary["notes"].append("no CAM file: the report shows curves and predictions.csv only")
+        names = _class_names(paths, None)
+        sections.append(("summary", "Summary", _summary(cfg, paths, c, names, None, None, summary["notes"])))
+        sections.append(("curves", "Curves", S.curves_section(c, diag, figs)))
+        conf = _confusion_fallback(paths, names)
+        if conf is not None:
+            source = "predictions.csv (test split)"
+            html, summary["confusion"] = S.classification_section(conf, names, source, figs)
+            sections.append(("classification", "Confusion", html))
+        summary["classes"] = names
+        return sections, summary
+    with open_cams(cams_path) as cams:
+        names = _class_names(paths, cams)
+        summary["classes"] = names
+        if cams.n_items == 0:
+            summary["notes"].append(f"{cams_path} holds no items")
+            facts = _summary(cfg, paths, c, names, cams, None, summary["notes"])
+            sections.append(("summary", "Summary", facts))
+            sections.append(("curves", "Curves", S.curves_section(c, diag, figs)))
+            return sections, summary
+        keys = [(m, layer) for m in cams.methods for layer in cams.layers]
+        log.info("report: scanning %d items of %s", cams.n_items, cams_path)
+        result = scan(cams, rc.gallery_size, rc.per_class, keys)
+        sections.append(("summary", "Summary", _summary(cfg, paths, c, names, cams, result.confusion,
+                                                        summary["notes"])))
+        sections.append(("curves", "Curves", S.curves_section(c, diag, figs)))
+        source = f"{cams_path.name} ({cams.attrs.get('split')} split)"
+        html, summary["confusion"] = S.classification_section(result.confusion, names, source, figs)
+        sections.append(("classification", "Confusion", html))
+        root = image_root(cfg, paths)
+        html, galleries = S.gallery_section(cams, result, keys, rc, cfg.data, root, figs)
+        sections.append(("galleries", "Galleries", html))
+        html, means = S.means_section(cams, result, keys, rc, figs)
+        sections.append(("means", "Class means", html))
+        features = S.features_section(cams, rc, figs)
+        if features is not None:
+            sections.append(("features", "Feature maps", features))
+        faith, faith_summary = S.faithfulness_section(result, figs)
+        if faith is not None:
+            sections.append(("faithfulness", "Faithfulness", faith))
+        summary["cams"] = {
+            "path": str(cams_path), "n_items": result.n_items, "split": cams.attrs.get("split"),
+            "methods": cams.methods, "layers": cams.layers, "targets": cams.attrs.get("targets"),
+            "galleries": galleries, "class_means": means, "faithfulness": faith_summary,
+        }
+    return sections, summary
+
+
+def image_root(cfg: RunConfig, paths: RunPaths) -> Path:
+    """``data.root``; a relative root that does not exist from here is tried relative to the
+    folder that held ``runs_dir`` (the report may run from another working directory)."""
+    root = Path(cfg.data.root)
+    if root.is_absolute() or root.is_dir() or Path(cfg.runs_dir).is_absolute():
+        return root
+    base = paths.root.resolve()
+    for _ in range(len(Path(cfg.runs_dir).parts) + 1):  # <base>/<runs_dir>/<name> -> <base>
+        base = base.parent
+    return base / root if (base / root).is_dir() else root
+
+
+def _class_names(paths: RunPaths, cams: CamFile | None) -> list[str]:
+    """Class names from the CAM file, else classes.json, else confusion_matrix.json."""
+    from_run = read_classes(paths) if paths.classes.is_file() else None
+    if cams is not None:
+        if from_run is not None and from_run != cams.class_names:
+            log.warning("classes.json and %s disagree on the class names; using the CAM file's", cams.path)
+        return cams.class_names
+    if from_run is not None:
+        return from_run
+    conf = R.read_optional_json(paths.confusion)
+    return list(conf.get("classes", [])) if isinstance(conf, dict) else []
+
+
+def _confusion_fallback(paths: RunPaths, names: list[str]) -> np.ndarray | None:
+    if paths.predictions.is_file() and names:
+        return R.confusion_from_predictions(paths.predictions, len(names))
+    return None
+
+
+def _summary(
+    cfg: RunConfig, paths: RunPaths, c: Curves, names: list[str], cams: CamFile | None,
+    conf: np.ndarray | None, notes: list[str],
+) -> H.Raw:
+    """Run facts, class counts per split, provenance and jobs."""
+    facts = R.run_facts(cfg, paths, c.best_epoch, len(c.epochs), c.test_accuracy)
+    if cams is not None:
+        facts.append(("CAM file", f"{cams.path} ({cams.n_items:,} items, {cams.attrs.get('split')} split, "
+                                  f"methods {', '.join(cams.methods)}, layers {', '.join(cams.layers)})"))
+    body: list[object] = [H.kv_table(facts)]
+    counts = R.split_counts(paths, len(names))
+    headers = ["class", *counts]
+    columns = list(counts.values())
+    if conf is not None:
+        headers.append(f"CAM file ({cams.attrs.get('split') if cams else ''})")
+        columns.append(conf.sum(axis=1).tolist())
+    if names:
+        body += [H.tag("h3", f"Classes ({len(names)})"),
+                 H.table(headers, ([n, *(col[i] for col in columns)] for i, n in enumerate(names)))]
+    body += [H.tag("h3", "Provenance"), H.kv_table(R.provenance_facts(paths, cams.attrs if cams else None))]
+    jobs = R.job_rows(paths)
+    if jobs:
+        headers = ["kind", "executor", "job id", "tasks", "state", "submitted"]
+        body += [H.tag("h3", "Jobs"), H.table(headers, jobs)]
+    body += [H.note(n) for n in notes]
+    return H.section("summary", "Run summary", body)
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars/arrays -> plain JSON values (NaN -> None, which JSON can represent)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def _remove_old_figures(out: Path, keep: str) -> None:
+    """Delete figure folders of earlier builds (only folders this module names)."""
+    for p in out.iterdir():
+        if p.is_dir() and p.name != keep and FIGURE_DIR.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
