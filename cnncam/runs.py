@@ -107,6 +107,11 @@ class RunPaths:
         return self.root / "slurm"
 
 
+def cams_dir(cfg: RunConfig) -> Path:
+    """Where CAM part files and ``cams.h5`` go: ``cam.out``, else ``runs/<name>/cams``."""
+    return Path(cfg.cam.out) if cfg.cam.out else RunPaths(cfg.run_dir).cams
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then ``os.replace``.
 

@@ -122,13 +122,6 @@ class TrainTask(LaunchTask):
         return result.status, result
 
 
-def cams_dir(cfg: RunConfig) -> Path:
-    """Where the CAM part files and the merged file go (``cam.out`` or ``runs/<name>/cams``)."""
-    from cnncam.runs import RunPaths
-
-    return Path(cfg.cam.out) if cfg.cam.out else RunPaths(cfg.run_dir).cams
-
-
 @dataclass(frozen=True)
 class CamShardTask(LaunchTask):
     cfg: RunConfig

@@ -17,7 +17,8 @@ from cnncam.errors import CnncamError, LaunchError
 from cnncam.launch.executors import Launcher
 from cnncam.launch.jobs import JobRecord, job_status, load_records
 from cnncam.launch.probe import ProbeMergeTask, ProbeTask, part_states
-from cnncam.launch.tasks import CamShardTask, LaunchTask, MergeTask, ReportTask, TrainTask, cams_dir
+from cnncam.launch.tasks import CamShardTask, LaunchTask, MergeTask, ReportTask, TrainTask
+from cnncam.runs import cams_dir
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,15 @@ from cnncam.report import sections as S
 from cnncam.report import summary as R
 from cnncam.report.diagnose import Curves, curves, diagnose
 from cnncam.report.select import scan
-from cnncam.runs import RunPaths, atomic_write_json, atomic_write_text, load_run, read_classes, read_metrics
+from cnncam.runs import (
+    RunPaths,
+    atomic_write_json,
+    atomic_write_text,
+    cams_dir,
+    load_run,
+    read_classes,
+    read_metrics,
+)
 from cnncam.storage import MERGED_FILENAME, CamFile, open_cams
 
 log = logging.getLogger(__name__)
@@ -76,7 +84,7 @@ def build_report(
 
 def _default_cams(cfg: RunConfig, paths: RunPaths) -> Path | None:
     """``cams.h5`` where the export writes it (``cam.out``, else ``<run>/cams``), if it exists."""
-    merged = (Path(cfg.cam.out) if cfg.cam.out else paths.cams) / MERGED_FILENAME
+    merged = cams_dir(cfg) / MERGED_FILENAME
     return merged if merged.is_file() else None
 
 
