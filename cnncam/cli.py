@@ -20,6 +20,7 @@ import yaml
 
 from cnncam.config import RunConfig, load_config
 from cnncam.errors import CnncamError, ConfigError
+from cnncam.runs import RunPaths
 
 if TYPE_CHECKING:
     from cnncam.launch.executors import Launcher
@@ -235,6 +236,10 @@ def _submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
                            args.retry_failed, args.allreduce, args.fail)
     finally:  # also when a later job of a chain is refused: say what was queued already
         _print_submitted(launcher, args.run if getattr(args, "run", None) else str(cfg.run_dir))
+    if args.command in ("report", "pipeline") and not args.dry_run:
+        out = Path(args.out) if getattr(args, "out", None) else RunPaths(cfg.run_dir).report
+        done = executor == "inline"
+        print(f"report: {out / 'index.html'}" + ("" if done else " (written when the job finishes)"))
     return 0
 
 
