@@ -23,12 +23,12 @@ from test_cam_export_common import (
     train_tiny_run,
     with_cam,
 )
+from train_helpers import StopAfter
 
 from cnncam.cam import compute_cams, pointing_game, upsample
 from cnncam.cam.export import export, export_shard, merge
 from cnncam.config import RunConfig, load_config
 from cnncam.errors import CamError, CheckpointError, ConfigError, SchemaError
-from cnncam.stop import StopFlag
 from cnncam.storage import open_cams, part_filename
 from cnncam.storage import schema as S
 
@@ -136,12 +136,7 @@ def test_merge_names_every_missing_or_partial_part(run: RunConfig, tmp_path: Pat
     export_shard(cfg, 0, 4)
     export_shard(cfg, 2, 4)
 
-    class StopAtOnce(StopFlag):
-        def __init__(self) -> None:
-            super().__init__()
-            self.request("test")
-
-    assert export_shard(cfg, 3, 4, StopAtOnce()).name == part_filename(3, 4) + ".partial"
+    assert export_shard(cfg, 3, 4, StopAfter(0)).name == part_filename(3, 4) + ".partial"
     with pytest.raises(SchemaError) as info:
         merge(cfg, 4)
     msg = str(info.value)
@@ -155,23 +150,9 @@ def test_stop_flag_leaves_a_resumable_partial(run: RunConfig, tmp_path: Path) ->
     batches: each rerun recomputes what was lost and equals an uninterrupted export."""
     kw = {"activations": ("features.block1",), "activation_images": 5, "activation_channels": 3}
 
-    class StopAfterPolls(StopFlag):
-        def __init__(self, polls: int) -> None:
-            super().__init__()
-            self.polls = polls
-
-        @property  # type: ignore[override]
-        def requested(self) -> bool:
-            self.polls -= 1
-            return self.polls < 0
-
-        @requested.setter
-        def requested(self, value: bool) -> None:
-            pass
-
     for polls in (0, 2):
         cfg = with_cam(run, tmp_path / f"stopped{polls}", **kw)
-        partial = export_shard(cfg, stop=StopAfterPolls(polls))
+        partial = export_shard(cfg, stop=StopAfter(polls))
         assert partial.name.endswith(".partial") and partial.exists()
         final = export_shard(cfg)
         assert final.name == part_filename(0, 1) and not partial.exists()

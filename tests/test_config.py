@@ -31,11 +31,21 @@ def test_seed_workflow_configs_exist() -> None:
 
 
 def test_overrides_are_typed() -> None:
-    cfg = load_config(None, [
-        "train.epochs=5", "data.root=/scratch/fish", "train.lr=3e-4", "train.grad_clip=null",
-        "cam.methods=[gradcam, gradcam_pp]", "data.crop_scale=[0.5, 1]", "name=no", "data.root=007",
-        "train.channels_last=true", "model.pretrained=null",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=5",
+            "data.root=/scratch/fish",
+            "train.lr=3e-4",
+            "train.grad_clip=null",
+            "cam.methods=[gradcam, gradcam_pp]",
+            "data.crop_scale=[0.5, 1]",
+            "name=no",
+            "data.root=007",
+            "train.channels_last=true",
+            "model.pretrained=null",
+        ],
+    )
     assert cfg.train.epochs == 5 and cfg.train.lr == 3e-4 and cfg.train.grad_clip is None
     assert cfg.cam.methods == ("gradcam", "gradcam_pp") and cfg.data.crop_scale == (0.5, 1.0)
     assert cfg.name == "no" and cfg.data.root == "007"  # str fields keep the raw text
@@ -44,7 +54,15 @@ def test_overrides_are_typed() -> None:
 
 def test_yaml_file_plus_overrides(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump({"name": "x", "train": {"epochs": 3, "lr": "1e-3"}, "data": {"split": {"train": 0.6, "val": 0.2, "test": 0.2}}}))
+    f.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "train": {"epochs": 3, "lr": "1e-3"},
+                "data": {"split": {"train": 0.6, "val": 0.2, "test": 0.2}},
+            }
+        )
+    )
     cfg = load_config(f, ["train.epochs=4"])
     assert (cfg.name, cfg.train.epochs, cfg.train.lr, cfg.data.split.val) == ("x", 4, 1e-3, 0.2)
 
@@ -52,12 +70,21 @@ def test_yaml_file_plus_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.epoch=3", r"unknown config key 'train.epoch'; did you mean 'train.epochs'\? Valid keys in train: epochs, "),
+        (
+            "train.epoch=3",
+            r"unknown config key 'train.epoch'; did you mean 'train.epochs'\? Valid keys in train: epochs, ",
+        ),
         ("trian.epochs=3", r"unknown config key 'trian'; did you mean 'train'\?"),
-        ("train.precision=fp8", r"train.precision: unknown value 'fp8'; did you mean 'fp32'\? Valid choices: fp32, bf16, fp16"),
+        (
+            "train.precision=fp8",
+            r"train.precision: unknown value 'fp8'; did you mean 'fp32'\? Valid choices: fp32, bf16, fp16",
+        ),
         ("model.name=resnet81", r"did you mean 'resnet18'\? Valid choices: simple_cnn, resnet18"),
         ("cam.methods=[gradcam++]", r"cam.methods\[0\]: unknown value 'gradcam\+\+'; did you mean 'gradcam'"),
-        ("cam.targets=top3", r"cam.targets 'top3' is invalid. Valid choices: pred, label, all, class:<i>, topk:<k>"),
+        (
+            "cam.targets=top3",
+            r"cam.targets 'top3' is invalid. Valid choices: pred, label, all, class:<i>, topk:<k>",
+        ),
         ("train.epochs=abc", r"train.epochs must be an integer, got 'abc'"),
         ("train.epochs=0", r"train.epochs must be > 0"),
         ("train.channels_last=maybe", r"train.channels_last must be true or false"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from submitit.core.utils import DelayedSubmission, cloudpickle_dump
+from train_helpers import StopAfter
 
 from cnncam.errors import CnncamError, LaunchError
 from cnncam.launch import jobs as J
@@ -219,21 +220,7 @@ def test_wait_for_local_dependencies(tmp_path: Path) -> None:
 
 
 def test_probe_stops_at_a_step_boundary_and_resumes_exactly(tmp_path: Path) -> None:
-    class StopAt(StopFlag):
-        def __init__(self, polls: int) -> None:
-            super().__init__()
-            self.polls = polls
-
-        @property  # type: ignore[override]
-        def requested(self) -> bool:
-            self.polls -= 1
-            return self.polls < 0
-
-        @requested.setter
-        def requested(self, value: bool) -> None:
-            pass
-
-    status, state = run_probe(tmp_path, 7, 0.0, StopAt(3))
+    status, state = run_probe(tmp_path, 7, 0.0, StopAfter(3))
     assert status == "interrupted" and state["step"] == 3
     assert state["value"] == next_value(next_value(next_value(0, 0), 1), 2)
     status, state = run_probe(tmp_path, 7, 0.0, StopFlag())

@@ -6,28 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from train_helpers import assert_bit_identical, state_of, tiny_config, tiny_dataset
+from train_helpers import StopAfter, assert_bit_identical, state_of, tiny_config, tiny_dataset
 
 from cnncam.errors import CheckpointError
 from cnncam.runs import read_metrics
-from cnncam.train import StopFlag, run_training
-
-
-class StopAfter(StopFlag):
-    """Requests a stop once the training loop has polled it `n` times (= n steps)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    @property  # type: ignore[override]
-    def requested(self) -> bool:
-        self.n -= 1
-        return self.n < 0
-
-    @requested.setter
-    def requested(self, value: bool) -> None:
-        pass
+from cnncam.train import run_training
 
 
 def _epoch_records(run_dir: Path) -> list[dict]:

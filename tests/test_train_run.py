@@ -27,9 +27,20 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
 
 def test_run_directory_contract(run: tuple[Path, object]) -> None:
     run_dir, result = run
-    for name in ["config.yaml", "classes.json", "provenance.json", "metrics.jsonl", "checkpoints/last.pt",
-                 "checkpoints/best.pt", "splits/train.csv", "splits/val.csv", "splits/test.csv",
-                 "skipped.json", "predictions.csv", "confusion_matrix.json"]:
+    for name in [
+        "config.yaml",
+        "classes.json",
+        "provenance.json",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "splits/train.csv",
+        "splits/val.csv",
+        "splits/test.csv",
+        "skipped.json",
+        "predictions.csv",
+        "confusion_matrix.json",
+    ]:
         assert (run_dir / name).is_file(), name
     cfg = load_config(run_dir / "config.yaml")  # the resolved config loads back as-is
     assert cfg.train.epochs == 3 and cfg.train.scheduler == "plateau"
@@ -47,7 +58,9 @@ def test_metrics_lines(run: tuple[Path, object]) -> None:
     records = read_metrics(run_dir / "metrics.jsonl")
     iters = [r for r in records if r["kind"] == "iter"]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert iters and all({"epoch", "step", "loss", "accuracy", "lr", "images_per_s"} <= r.keys() for r in iters)
+    assert iters and all(
+        {"epoch", "step", "loss", "accuracy", "lr", "images_per_s"} <= r.keys() for r in iters
+    )
     assert [r["step"] for r in iters] == list(range(2, result.global_step + 1, 2))  # every log_every=2 steps
     assert [(r["split"], r["epoch"]) for r in epochs] == [(s, e) for e in (1, 2, 3) for s in ("train", "val")]
     final = [r for r in records if r["kind"] == "final"]
@@ -72,7 +85,9 @@ def test_predictions_and_confusion_agree(run: tuple[Path, object]) -> None:
 def test_best_checkpoint_is_the_best_epoch(run: tuple[Path, object]) -> None:
     run_dir, result = run
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
-    vals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "epoch" and r["split"] == "val"]
+    vals = [
+        r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "epoch" and r["split"] == "val"
+    ]
     top = max(vals, key=lambda r: r["accuracy"])  # first epoch reaching the max wins (strict improvement)
     assert best["epoch"] == top["epoch"] == result.best_epoch
     assert best["meta"]["classes"] == ["circle", "square", "triangle"]
@@ -82,8 +97,16 @@ def test_best_checkpoint_is_the_best_epoch(run: tuple[Path, object]) -> None:
 def test_early_stopping_stops(tmp_path: Path) -> None:
     data = tiny_dataset(tmp_path / "shapes")
     # lr 0 can never improve val loss after the first epoch: patience 1 stops at epoch 2.
-    cfg = tiny_config(tmp_path, data, "train.epochs=5", "train.lr=1e-12", "train.patience=1",
-                      "train.monitor=val_loss", "train.min_delta=0.1", name="es")
+    cfg = tiny_config(
+        tmp_path,
+        data,
+        "train.epochs=5",
+        "train.lr=1e-12",
+        "train.patience=1",
+        "train.monitor=val_loss",
+        "train.min_delta=0.1",
+        name="es",
+    )
     result = run_training(cfg)
     assert result.status == "completed" and result.epoch == 2 and result.best_epoch == 1
 
@@ -91,8 +114,14 @@ def test_early_stopping_stops(tmp_path: Path) -> None:
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_training_runs_and_resumes_state(tmp_path: Path, precision: str) -> None:
     data = tiny_dataset(tmp_path / "shapes")
-    cfg = tiny_config(tmp_path, data, "train.epochs=1", f"train.precision={precision}",
-                      "train.channels_last=true", name=precision)
+    cfg = tiny_config(
+        tmp_path,
+        data,
+        "train.epochs=1",
+        f"train.precision={precision}",
+        "train.channels_last=true",
+        name=precision,
+    )
     result = run_training(cfg)
     last = torch.load(cfg.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert result.status == "completed" and torch.isfinite(torch.tensor(result.best_metric))

@@ -8,6 +8,7 @@ import torch
 
 from cnncam.config import RunConfig, load_config
 from cnncam.data import generate_shapes
+from cnncam.stop import StopFlag
 
 
 def tiny_dataset(root: Path, per_class: int = 16, size: int = 32, classes: int = 3) -> Path:
@@ -47,3 +48,20 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[k], b[k]), (
             f"{k} differs: max abs diff {(a[k].float() - b[k].float()).abs().max()}"
         )
+
+
+class StopAfter(StopFlag):
+    """Requests a stop once it has been polled ``n`` times (training polls once per step)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    @property  # type: ignore[override]
+    def requested(self) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        pass

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +26,9 @@ from cnncam.data import ImageDataset, Sample, box_to_input, eval_transform, load
 from cnncam.errors import CheckpointError, DataError
 from cnncam.models import create_model
 from cnncam.runs import RunPaths, read_classes
-from cnncam.train.checkpoint import FORMAT_VERSION
+from cnncam.train.checkpoint import load_checkpoint_and_sha256
 
 log = logging.getLogger("cnncam.cam")
-_HASH_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -65,33 +64,9 @@ def resolve_checkpoint(cam: CamConfig, paths: RunPaths) -> Path:
     return path
 
 
-def file_sha256(f: BinaryIO) -> str:
-    """Hex SHA-256 of an open file's bytes from its current position (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    while block := f.read(_HASH_BLOCK):
-        h.update(block)
-    return h.hexdigest()
-
-
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
-    """``weights_only`` load of a cnncam checkpoint and the SHA-256 of exactly those bytes.
-
-    Hash and load read one open file: training replaces ``best.pt`` with ``os.replace`` (a new
-    inode), so an export started while training goes on still records the hash of the weights
-    it used.  Same checks as :func:`cnncam.train.checkpoint.load_checkpoint`.
-    """
-    try:
-        with open(path, "rb") as f:
-            digest = file_sha256(f)
-            f.seek(0)
-            state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for torn/foreign files
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {e}") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        version = state.get("format_version") if isinstance(state, dict) else None
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has format_version {version!r}; this cnncam reads {FORMAT_VERSION}"
-        )
+    """The checkpoint and its SHA-256; it must carry what the export needs (classes, mean, std)."""
+    state, digest = load_checkpoint_and_sha256(path)
     meta = state.get("meta")
     missing = [k for k in ("classes", "mean", "std") if not isinstance(meta, dict) or k not in meta]
     if "model" not in state or missing:

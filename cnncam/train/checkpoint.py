@@ -1,49 +1,52 @@
 """Atomic checkpoints that hold only tensors and plain types.
 
 ``save_checkpoint`` writes to a temp file in the same folder, fsyncs, then
-``os.replace``s it over the target (timm's pattern): a job killed mid-write leaves the
-previous checkpoint intact.  ``load_checkpoint`` uses ``weights_only=True``, so a
+``os.replace``s it over the target (``cnncam.runs.atomic_write``, timm's pattern): a job
+killed mid-write leaves the previous checkpoint intact.  ``load_checkpoint`` uses ``weights_only=True``, so a
 checkpoint can never execute code when loaded; that is why the config is stored as a
 plain dict and numpy RNG state is converted to tensors.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import random
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from cnncam.errors import CheckpointError
+from cnncam.runs import atomic_write
 
 FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return load_checkpoint_and_sha256(path, map_location, digest=False)[0]
+
+
+def load_checkpoint_and_sha256(
+    path: Path, map_location: str | torch.device = "cpu", digest: bool = True
+) -> tuple[dict[str, Any], str]:
+    """``weights_only`` load of a cnncam checkpoint, and the SHA-256 of exactly those bytes.
+
+    Hash and load read one open file: training replaces ``best.pt`` with ``os.replace`` (a new
+    inode), so a CAM export started while training goes on records the hash of the weights it used.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as f:
+            sha = file_sha256(f) if digest else ""
+            f.seek(0)
+            state = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for torn/foreign files
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {e}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
@@ -51,7 +54,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(
             f"checkpoint {str(path)!r} has format_version {version!r}; this cnncam reads {FORMAT_VERSION}"
         )
-    return state
+    return state, sha
+
+
+def file_sha256(f: BinaryIO) -> str:
+    """Hex SHA-256 of an open file's bytes from its current position (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    while block := f.read(1 << 20):
+        h.update(block)
+    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
