@@ -226,6 +226,18 @@ def provenance(seed: int) -> dict[str, Any]:
     }
 
 
+def write_provenance(paths: RunPaths, seed: int, resumed: bool) -> None:
+    """provenance.json at the first start; later starts append to its ``restarts`` list."""
+    info = provenance(seed)
+    if resumed and paths.provenance.exists():
+        prev = read_json(paths.provenance)
+        prev.setdefault("restarts", []).append(
+            {"time": info["start_time"], "host": info["host"], "slurm": info["slurm"], "git": info["git"]}
+        )
+        info = prev
+    atomic_write_json(paths.provenance, info)
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl``.
 

@@ -108,3 +108,47 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# Config keys that may change between a run's starts (they do not change the maths).
+RESUME_MUTABLE = (
+    "name",
+    "runs_dir",
+    "train.epochs",
+    "train.patience",
+    "train.log_every",
+    "train.compile",
+    "train.device",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.eval_batch_size",
+    "data.root",
+)
+RESUME_MUTABLE_SECTIONS = ("cam", "report", "slurm")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resume_config(now: dict[str, Any], saved: dict[str, Any], path: Any) -> None:
+    """A run directory belongs to one experiment: refuse to resume it with different maths."""
+    a, b = _flatten(now), _flatten(saved)
+    diff = [
+        k
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in RESUME_MUTABLE and k.split(".")[0] not in RESUME_MUTABLE_SECTIONS
+    ]
+    if diff:
+        details = ", ".join(f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in diff[:8])
+        raise CheckpointError(
+            f"{path} was written with a different config ({details}). Use a new run name "
+            f"(--set name=...) or delete the run directory to start over."
+        )

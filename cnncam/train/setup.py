@@ -25,6 +25,7 @@ from cnncam.data import (
 from cnncam.models import create_model
 from cnncam.runs import RunPaths
 from cnncam.train import distributed as D
+from cnncam.train.sampler import EpochBatchSampler
 
 
 @dataclass
@@ -72,6 +73,22 @@ def build_data(cfg: RunConfig, paths: RunPaths, dist: D.DistInfo) -> DataBundle:
         return ImageDataset(root, index.splits[split], tf, pixels, seed=cfg.seed)
 
     return DataBundle(index, make("train", train_tf), make("val", eval_tf), make("test", eval_tf), mean, std)
+
+
+def train_loader(
+    dataset: ImageDataset, sampler: EpochBatchSampler, cfg: RunConfig, device: torch.device
+) -> DataLoader:
+    dc = cfg.data
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=dc.num_workers,
+        pin_memory=dc.pin_memory and device.type == "cuda",
+        persistent_workers=dc.persistent_workers and dc.num_workers > 0,
+        # A private generator: otherwise each new iterator draws its base seed from the
+        # global torch RNG, and a resumed run's dropout stream would differ.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 def eval_loader(dataset: ImageDataset, cfg: RunConfig, dist: D.DistInfo, device: torch.device) -> DataLoader:

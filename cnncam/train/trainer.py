@@ -20,17 +20,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from cnncam.config import RunConfig, to_dict
 from cnncam.console import setup_logging, track
-from cnncam.errors import CheckpointError
 from cnncam.models import set_train_mode
 from cnncam.models import unwrap_model as unwrap
-from cnncam.runs import MetricsLog, RunPaths, atomic_write_json, provenance, read_json, write_config
+from cnncam.runs import MetricsLog, RunPaths, write_config, write_provenance
 from cnncam.stop import StopFlag
 from cnncam.train import distributed as D
 from cnncam.train.checkpoint import (
+    check_resume_config,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -41,26 +40,9 @@ from cnncam.train.evaluate import evaluate, write_predictions
 from cnncam.train.optim import EarlyStopping, LRSchedule, build_optimizer
 from cnncam.train.precision import Precision
 from cnncam.train.sampler import EpochBatchSampler
-from cnncam.train.setup import DataBundle, build_data, build_model, eval_loader
+from cnncam.train.setup import DataBundle, build_data, build_model, eval_loader, train_loader
 
 log = logging.getLogger("cnncam.train")
-
-# Config keys that may change between a run's starts (they do not change the maths).
-RESUME_MUTABLE = (
-    "name",
-    "runs_dir",
-    "train.epochs",
-    "train.patience",
-    "train.log_every",
-    "train.compile",
-    "train.device",
-    "data.num_workers",
-    "data.pin_memory",
-    "data.persistent_workers",
-    "data.eval_batch_size",
-    "data.root",
-)
-RESUME_MUTABLE_SECTIONS = ("cam", "report", "slurm")
 
 
 @dataclass(frozen=True)
@@ -94,7 +76,7 @@ class Trainer:
         if dist.is_main:
             self.paths.root.mkdir(parents=True, exist_ok=True)
             write_config(self.paths, cfg)
-            self._write_provenance(resumed=ckpt is not None)
+            write_provenance(self.paths, cfg.seed, resumed=ckpt is not None)
         seed_everything(cfg.seed + dist.rank)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -115,7 +97,7 @@ class Trainer:
         self.precision = Precision(self.tc.precision, device)
         self.early = EarlyStopping(self.tc.monitor, self.tc.patience, self.tc.min_delta)
         self.metrics = MetricsLog(self.paths.metrics, enabled=dist.is_main)
-        self.loader = self._train_loader()
+        self.loader = train_loader(self.data.train, self.sampler, cfg, device)
         self.val_loader = eval_loader(self.data.val, cfg, dist, device) if len(self.data.val) else None
         # Position and running sums; overwritten by a checkpoint.
         self.epoch, self.batch, self.global_step, self.finished = 0, 0, 0, False
@@ -317,20 +299,6 @@ class Trainer:
         return acc
 
     # ------------------------------------------------------------------------------------------
-    def _train_loader(self) -> DataLoader:
-        dc = self.cfg.data
-        workers = dc.num_workers
-        return DataLoader(
-            self.data.train,
-            batch_sampler=self.sampler,
-            num_workers=workers,
-            pin_memory=dc.pin_memory and self.device.type == "cuda",
-            persistent_workers=dc.persistent_workers and workers > 0,
-            # A private generator: otherwise each new iterator draws its base seed from the
-            # global torch RNG, and a resumed run's dropout stream would differ.
-            generator=torch.Generator().manual_seed(self.cfg.seed),
-        )
-
     def _meta(self) -> dict[str, Any]:
         return {
             "config": to_dict(self.cfg),
@@ -373,7 +341,7 @@ class Trainer:
         if not self.paths.last_ckpt.exists():
             return None
         ckpt = load_checkpoint(self.paths.last_ckpt)
-        _check_resume_config(to_dict(self.cfg), ckpt["meta"]["config"], self.paths.last_ckpt)
+        check_resume_config(to_dict(self.cfg), ckpt["meta"]["config"], self.paths.last_ckpt)
         return ckpt
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -403,16 +371,6 @@ class Trainer:
             self.global_step,
         )
 
-    def _write_provenance(self, resumed: bool) -> None:
-        info = provenance(self.cfg.seed)
-        if resumed and self.paths.provenance.exists():
-            prev = read_json(self.paths.provenance)
-            prev.setdefault("restarts", []).append(
-                {"time": info["start_time"], "host": info["host"], "slurm": info["slurm"], "git": info["git"]}
-            )
-            info = prev
-        atomic_write_json(self.paths.provenance, info)
-
     def _result(self, status: str, test_acc: float | None) -> TrainResult:
         return TrainResult(
             status, self.epoch, self.global_step, self.early.best, self.early.best_epoch, test_acc
@@ -429,29 +387,3 @@ def _gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _check_resume_config(now: dict[str, Any], saved: dict[str, Any], path: Any) -> None:
-    """A run directory belongs to one experiment: refuse to resume it with different maths."""
-    a, b = _flatten(now), _flatten(saved)
-    diff = [
-        k
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and k not in RESUME_MUTABLE and k.split(".")[0] not in RESUME_MUTABLE_SECTIONS
-    ]
-    if diff:
-        details = ", ".join(f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in diff[:8])
-        raise CheckpointError(
-            f"{path} was written with a different config ({details}). Use a new run name "
-            f"(--set name=...) or delete the run directory to start over."
-        )
