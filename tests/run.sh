@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run the test suite, first installing and starting what the integration tests need.
 #
-# As root on Debian (CI, a VM): apt installs hdf5-tools (h5ls), chromium + chromedriver (report
-# browser test) and a real single-node Slurm (slurm/up.sh), torn down again on exit.
+# As root on Debian (CI, a VM): apt installs hdf5-tools (h5ls), chromium (the report's browser
+# test drives it over the DevTools pipe) and a real single-node Slurm (slurm/up.sh), torn down again on exit.
 # Without root the suite still runs; tests whose tools are missing skip — except when CI=true,
 # where they fail instead (a green CI run must have exercised them).
 set -euo pipefail
@@ -13,7 +13,6 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     command -v h5ls >/dev/null || missing+=(hdf5-tools)
     command -v chromium >/dev/null || missing+=(chromium)
-    command -v chromedriver >/dev/null || missing+=(chromium-driver)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "[tests/run.sh] installing ${missing[*]}"
         apt-get update -qq

@@ -23,7 +23,7 @@ from test_cam_export_common import (
 from cnncam.cam.export import export_shard
 from cnncam.config import RunConfig
 from cnncam.storage import part_filename
-from cnncam.storage.writer import commit_path, partial_path, read_commit
+from cnncam.storage.recover import commit_path, partial_path, read_commit
 
 BATCH = 5  # train split: 96 items; shard 1 of 2 = items [48, 96) = 9 full batches + 1 padded
 

@@ -14,16 +14,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from cnncam.config import DataConfig, SplitConfig
-from cnncam.data.dataset import (
-    BadImageWarning,
-    DatasetIndex,
-    ImageDataset,
-    discover,
-    load_boxes,
-    load_index,
-    save_index,
-    split_counts,
-)
+from cnncam.data.dataset import BadImageWarning, ImageDataset, discover, load_boxes
+from cnncam.data.splits import DatasetIndex, load_index, save_index, split_counts
 from cnncam.data.transforms import eval_transform, train_transform
 from cnncam.errors import CnncamError, DataError
 from cnncam.runs import RunPaths

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from cnncam.config import DataConfig
-from cnncam.data.dataset import discover, load_boxes, split_counts
+from cnncam.data.dataset import discover, load_boxes
+from cnncam.data.splits import split_counts
 from cnncam.data.synthetic import MARKER, SHAPES, generate_shapes, image_rng, main, render_sample
 from cnncam.errors import ConfigError, DataError
 

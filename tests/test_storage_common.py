@@ -16,7 +16,7 @@ import numpy as np
 
 from cnncam.storage import PartBatch, PartSpec, PartWriter, RunInfo
 from cnncam.storage import schema as S
-from cnncam.storage.writer import read_commit
+from cnncam.storage.recover import read_commit
 
 K, h, w, H, W = 2, 4, 4, 16, 16
 METHODS = ("gradcam", "gradcam_pp")

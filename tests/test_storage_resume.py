@@ -18,7 +18,7 @@ from test_storage_common import assert_same_content, make_run, write_part
 import cnncam
 from cnncam.errors import SchemaError
 from cnncam.storage import PartSpec, PartWriter
-from cnncam.storage.writer import commit_path, partial_path, read_commit
+from cnncam.storage.recover import commit_path, partial_path, read_commit
 
 START, STOP, BATCH = 40, 88, 8  # shard 1 of 3, six batches
 

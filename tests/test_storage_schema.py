@@ -7,6 +7,7 @@ import pytest
 from test_storage_common import make_batch, make_run
 
 from cnncam.errors import SchemaError
+from cnncam.storage import batch as B
 from cnncam.storage import schema as S
 
 
@@ -113,19 +114,19 @@ def test_batch_rows_convert_to_schema_dtypes() -> None:
 
 def test_conversion_refuses_lossy_or_misshaped_input() -> None:
     with pytest.raises(SchemaError, match="integers"):
-        S.convert("samples/label", np.array([0.5, 1.0]))
+        B.convert("samples/label", np.array([0.5, 1.0]))
     with pytest.raises(SchemaError, match="uint8"):
-        S.convert("upsampled/gradcam/l", np.zeros((1, 1, 2, 2), np.float32))
+        B.convert("upsampled/gradcam/l", np.zeros((1, 1, 2, 2), np.float32))
     with pytest.raises(SchemaError, match="4 dimensions"):
-        S.convert("cams/gradcam/l", np.zeros((2, 7, 7), np.float32))
+        B.convert("cams/gradcam/l", np.zeros((2, 7, 7), np.float32))
     with pytest.raises(SchemaError, match=r"\(B, 4\)"):
-        S.convert("samples/boxes", np.zeros((2, 3), np.float32))
+        B.convert("samples/boxes", np.zeros((2, 3), np.float32))
     with pytest.raises(SchemaError, match="outside the range"):
-        S.convert("metrics/gradcam/l/pointing_hit", np.array([300]))
+        B.convert("metrics/gradcam/l/pointing_hit", np.array([300]))
     with pytest.raises(SchemaError, match="at most 511"):
-        S.convert("samples/path", ["x" * 600])
+        B.convert("samples/path", ["x" * 600])
     with pytest.raises(SchemaError, match="not a per-item dataset path"):
-        S.convert_rows({"cams/gradcam": np.zeros((1, 1, 2, 2))})
+        B.convert_rows({"cams/gradcam": np.zeros((1, 1, 2, 2))})
     with pytest.warns(RuntimeWarning, match="beyond float16's range"):
-        out = S.convert("cams/gradcam/l", np.full((1, 1, 1, 1), 1e6, np.float32))
+        out = B.convert("cams/gradcam/l", np.full((1, 1, 1, 1), 1e6, np.float32))
     assert np.isinf(out).all()

@@ -21,7 +21,7 @@ from test_storage_common import (
 from cnncam.errors import SchemaError
 from cnncam.storage import PartSpec, PartWriter, open_cams
 from cnncam.storage import schema as S
-from cnncam.storage.writer import commit_path, partial_path, read_commit
+from cnncam.storage.recover import commit_path, partial_path, read_commit
 
 
 def test_round_trip_every_field(tmp_path: Path) -> None:

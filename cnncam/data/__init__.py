@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cnncam.data.dataset import SPLITS as SPLITS
 from cnncam.data.dataset import BadImageWarning as BadImageWarning
-from cnncam.data.dataset import DatasetIndex as DatasetIndex
 from cnncam.data.dataset import ImageDataset as ImageDataset
-from cnncam.data.dataset import Sample as Sample
 from cnncam.data.dataset import discover as discover
 from cnncam.data.dataset import load_boxes as load_boxes
-from cnncam.data.dataset import load_index as load_index
 from cnncam.data.dataset import sample_seed as sample_seed
-from cnncam.data.dataset import save_index as save_index
-from cnncam.data.dataset import split_counts as split_counts
 from cnncam.data.images import BadImageError as BadImageError
 from cnncam.data.images import load_rgb as load_rgb
+from cnncam.data.splits import SPLITS as SPLITS
+from cnncam.data.splits import DatasetIndex as DatasetIndex
+from cnncam.data.splits import Sample as Sample
+from cnncam.data.splits import load_index as load_index
+from cnncam.data.splits import save_index as save_index
+from cnncam.data.splits import split_counts as split_counts
 from cnncam.data.transforms import IMAGENET_MEAN as IMAGENET_MEAN
 from cnncam.data.transforms import IMAGENET_STD as IMAGENET_STD
 from cnncam.data.transforms import box_to_input as box_to_input

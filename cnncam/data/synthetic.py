@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from cnncam.config import SplitConfig
 from cnncam.console import track
-from cnncam.data.dataset import split_counts
+from cnncam.data.splits import split_counts
 from cnncam.errors import CnncamError, ConfigError, DataError, choice_message
 from cnncam.runs import atomic_write_json, atomic_write_text
 

@@ -19,8 +19,8 @@ import torch
 from torchvision.transforms import v2
 
 from cnncam.config import DataConfig
-from cnncam.data.dataset import Sample
 from cnncam.data.images import BadImageError, load_rgb
+from cnncam.data.splits import Sample
 from cnncam.errors import DataError
 from cnncam.runs import RunPaths, atomic_write_json, read_json
 

@@ -13,14 +13,15 @@ See ``docs/hdf5-schema.md`` for the layout.  Typical use::
 
 from __future__ import annotations
 
+from cnncam.storage.batch import PartBatch as PartBatch
 from cnncam.storage.merge import PartStatus as PartStatus
 from cnncam.storage.merge import merge_parts as merge_parts
 from cnncam.storage.merge import part_status as part_status
 from cnncam.storage.reader import CamFile as CamFile
 from cnncam.storage.reader import open_cams as open_cams
+from cnncam.storage.recover import ResumeState as ResumeState
 from cnncam.storage.schema import MERGED_FILENAME as MERGED_FILENAME
 from cnncam.storage.schema import SCHEMA_VERSION as SCHEMA_VERSION
-from cnncam.storage.schema import PartBatch as PartBatch
 from cnncam.storage.schema import RunInfo as RunInfo
 from cnncam.storage.schema import cam_path as cam_path
 from cnncam.storage.schema import metric_path as metric_path
@@ -29,4 +30,3 @@ from cnncam.storage.schema import shard_range as shard_range
 from cnncam.storage.schema import upsampled_path as upsampled_path
 from cnncam.storage.writer import PartSpec as PartSpec
 from cnncam.storage.writer import PartWriter as PartWriter
-from cnncam.storage.writer import ResumeState as ResumeState

@@ -22,7 +22,7 @@ import numpy as np
 
 from cnncam.errors import SchemaError
 from cnncam.storage import schema as S
-from cnncam.storage.writer import commit_path, partial_path, read_commit
+from cnncam.storage.recover import commit_path, partial_path, read_commit
 
 PartState = Literal["missing", "partial", "complete", "foreign", "corrupt"]
 
