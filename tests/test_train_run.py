@@ -12,6 +12,7 @@ import yaml
 from train_helpers import tiny_config, tiny_dataset
 
 from cnncam.config import load_config
+from cnncam.data import BadImageWarning
 from cnncam.runs import read_metrics
 from cnncam.train import run_training
 
@@ -22,7 +23,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     data = tiny_dataset(tmp / "shapes")
     (data / "circle" / "broken.png").write_bytes(b"not a png at all")  # one bad file must not kill the job
     cfg = tiny_config(tmp, data, "train.epochs=3", "train.scheduler=plateau", name="full")
-    return cfg.run_dir, run_training(cfg)
+    with pytest.warns(BadImageWarning, match="circle/broken.png"):
+        result = run_training(cfg)
+    return cfg.run_dir, result
 
 
 def test_run_directory_contract(run: tuple[Path, object]) -> None:
