@@ -63,13 +63,9 @@ from cnncam.storage import (
     part_status,
 )
 from cnncam.storage import schema as S
+from cnncam.train.distributed import DistInfo, select_device
 
 log = logging.getLogger("cnncam.cam")
-
-
-def select_device() -> torch.device:
-    """CUDA when available, else CPU (the CAM node may have no GPU: merge/report nodes)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,8 @@ def export_shard(cfg: RunConfig, shard: int = 0, num_shards: int = 1, stop: Stop
     """
     setup_logging()
     stop = stop or StopFlag()
-    device = select_device()
+    # No rank/Slurm mapping here: one export task, its GPU if it has one.
+    device = select_device("auto", DistInfo())
     setup = _prepare(cfg, device)
     spec = PartSpec.for_shard(setup.run, len(setup.samples), shard, num_shards)
     out_dir = cams_dir(cfg)

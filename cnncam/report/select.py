@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from cnncam.cam.viz import normalize
 from cnncam.console import track
 from cnncam.storage import CamFile, cam_path, metric_path
 
@@ -92,11 +94,8 @@ def map_for_class(targets: np.ndarray, cls: np.ndarray) -> np.ndarray:
 
 
 def minmax(maps: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Per-map min-max to [0, 1] over the last two dims (``cnncam.cam.viz.normalize``'s rule)."""
-    m = maps.astype(np.float64)
-    lo = m.min(axis=(-2, -1), keepdims=True)
-    hi = m.max(axis=(-2, -1), keepdims=True)
-    return (m - lo) / (hi - lo + eps)
+    """Per-map min-max to [0, 1] over the last two dims, in float64: ``cnncam.cam.viz.normalize``."""
+    return normalize(torch.from_numpy(maps.astype(np.float64)), eps).numpy()
 
 
 def metric_datasets(cams: CamFile) -> dict[tuple[str, str], list[str]]:
