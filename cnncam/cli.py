@@ -28,17 +28,32 @@ if TYPE_CHECKING:
 PROG = "python jobs/launch.py"
 # CLI flag (argparse dest) → config key.
 SLURM_FLAGS = {
-    "partition": "slurm.partition", "cpu_partition": "slurm.cpu_partition", "nodes": "slurm.nodes",
+    "partition": "slurm.partition",
+    "cpu_partition": "slurm.cpu_partition",
+    "nodes": "slurm.nodes",
     "gpus": "slurm.gpus_per_node",
-    "tasks_per_node": "slurm.tasks_per_node", "cpus_per_task": "slurm.cpus_per_task",
-    "mem_gb": "slurm.mem_gb", "time": "slurm.time_min", "account": "slurm.account", "qos": "slurm.qos",
-    "constraint": "slurm.constraint", "job_name": "slurm.job_name",
-    "array_parallelism": "slurm.array_parallelism", "sbatch_extra": "slurm.extra_sbatch",
-    "setup": "slurm.setup", "signal_delay": "slurm.signal_delay_s", "executor": "slurm.executor",
+    "tasks_per_node": "slurm.tasks_per_node",
+    "cpus_per_task": "slurm.cpus_per_task",
+    "mem_gb": "slurm.mem_gb",
+    "time": "slurm.time_min",
+    "account": "slurm.account",
+    "qos": "slurm.qos",
+    "constraint": "slurm.constraint",
+    "job_name": "slurm.job_name",
+    "array_parallelism": "slurm.array_parallelism",
+    "sbatch_extra": "slurm.extra_sbatch",
+    "setup": "slurm.setup",
+    "signal_delay": "slurm.signal_delay_s",
+    "executor": "slurm.executor",
 }
 CAM_FLAGS = {
-    "split": "cam.split", "method": "cam.methods", "layer": "cam.layers", "targets": "cam.targets",
-    "metrics": "cam.metrics", "activations": "cam.activations", "checkpoint": "cam.checkpoint",
+    "split": "cam.split",
+    "method": "cam.methods",
+    "layer": "cam.layers",
+    "targets": "cam.targets",
+    "metrics": "cam.metrics",
+    "activations": "cam.activations",
+    "checkpoint": "cam.checkpoint",
 }
 
 
@@ -103,13 +118,17 @@ def _launch_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("submission (each flag is sugar for --set slurm.*)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
-    g.add_argument("--executor", choices=("auto", "slurm", "local", "inline"),
-                   help="default auto: slurm when sbatch is on PATH, else local; inline runs in this process")
+    g.add_argument(
+        "--executor",
+        choices=("auto", "slurm", "local", "inline"),
+        help="default auto: slurm when sbatch is on PATH, else local; inline runs in this process",
+    )
     g.add_argument("--profile", metavar="YAML", help="Slurm profile, e.g. configs/slurm/gpu.yaml")
     g.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit nothing")
     g.add_argument("--partition")
-    g.add_argument("--cpu-partition", metavar="PARTITION",
-                   help="partition for CPU-only steps (merge, report)")
+    g.add_argument(
+        "--cpu-partition", metavar="PARTITION", help="partition for CPU-only steps (merge, report)"
+    )
     g.add_argument("--nodes", type=int)
     g.add_argument("--gpus", type=int, help="GPUs per node (training starts one task per GPU)")
     g.add_argument("--tasks-per-node", type=int, help="tasks per node; with --gpus 0: DDP on CPU (gloo)")
@@ -121,12 +140,24 @@ def _launch_parent() -> argparse.ArgumentParser:
     g.add_argument("--constraint")
     g.add_argument("--job-name", help="prefix of the job names")
     g.add_argument("--array-parallelism", type=int, help="max array tasks running at once")
-    g.add_argument("--sbatch-extra", action="append", metavar="--KEY=VALUE",
-                   help="extra sbatch option; use the = form: --sbatch-extra=--exclusive")
-    g.add_argument("--setup", action="append", metavar="LINE",
-                   help="shell line run before the job, e.g. 'module load cuda' (repeatable)")
-    g.add_argument("--signal-delay", type=int, metavar="S",
-                   help="send USR2 this many seconds before the time limit, to checkpoint")
+    g.add_argument(
+        "--sbatch-extra",
+        action="append",
+        metavar="--KEY=VALUE",
+        help="extra sbatch option; use the = form: --sbatch-extra=--exclusive",
+    )
+    g.add_argument(
+        "--setup",
+        action="append",
+        metavar="LINE",
+        help="shell line run before the job, e.g. 'module load cuda' (repeatable)",
+    )
+    g.add_argument(
+        "--signal-delay",
+        type=int,
+        metavar="S",
+        help="send USR2 this many seconds before the time limit, to checkpoint",
+    )
     return p
 
 
@@ -137,8 +168,9 @@ def _cam_parent() -> argparse.ArgumentParser:
     g.add_argument("--method", action="append", help="CAM method (repeatable), e.g. gradcam, gradcam_pp")
     g.add_argument("--layer", action="append", help="target layer (repeatable); 'auto' = last conv")
     g.add_argument("--targets", help="pred, label, all, class:<i> or topk:<k>")
-    g.add_argument("--metrics", action="store_true", default=None,
-                   help="deletion/insertion AUC, pointing game")
+    g.add_argument(
+        "--metrics", action="store_true", default=None, help="deletion/insertion AUC, pointing game"
+    )
     g.add_argument("--activations", nargs="+", metavar="LAYER", help="record activations of these layers")
     g.add_argument("--checkpoint", help="best, last or a path to a .pt file")
     g.add_argument("--shards", type=int, metavar="N", help="split the export into an N-task job array")
@@ -147,7 +179,8 @@ def _cam_parent() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Train CNN classifiers and explain them with CAMs, on Slurm or locally.",
+        prog=PROG,
+        description="Train CNN classifiers and explain them with CAMs, on Slurm or locally.",
         epilog=f"Most commands submit jobs and return at once; then: {PROG} status --run runs/<name>",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -217,8 +250,9 @@ def _submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cfg = _config(args)
     executor, why = resolve_executor(cfg.slurm.executor, args.dry_run)
     print(f"executor: {executor} ({why})")
-    launcher = Launcher(executor, cfg.run_dir, cfg.name, cfg.slurm, dry_run=args.dry_run,
-                        command=f"{PROG} {shlex.join(argv)}")
+    launcher = Launcher(
+        executor, cfg.run_dir, cfg.name, cfg.slurm, dry_run=args.dry_run, command=f"{PROG} {shlex.join(argv)}"
+    )
     shards = getattr(args, "shards", None)
     try:
         if args.command == "train":
@@ -232,8 +266,16 @@ def _submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
         elif args.command == "pipeline":
             W.launch_pipeline(launcher, cfg, shards)
         else:
-            W.launch_probe(launcher, cfg.run_dir / "probe", args.steps, args.step_s, shards,
-                           args.retry_failed, args.allreduce, args.fail)
+            W.launch_probe(
+                launcher,
+                cfg.run_dir / "probe",
+                args.steps,
+                args.step_s,
+                shards,
+                args.retry_failed,
+                args.allreduce,
+                args.fail,
+            )
     finally:  # also when a later job of a chain is refused: say what was queued already
         _print_submitted(launcher, args.run if getattr(args, "run", None) else str(cfg.run_dir))
     if args.command in ("report", "pipeline") and not args.dry_run:
@@ -259,8 +301,10 @@ def _print_submitted(launcher: Launcher, run: str) -> None:
         print(f"submitted {rec.kind}: {what}{shards}{after}")
     if launcher.executor != "inline":
         q = shlex.quote(run)
-        print(f"recorded in {launcher.paths.jobs}; follow with:\n"
-              f"  {PROG} status --run {q}\n  {PROG} logs --run {q} --follow\n  {PROG} cancel --run {q}")
+        print(
+            f"recorded in {launcher.paths.jobs}; follow with:\n"
+            f"  {PROG} status --run {q}\n  {PROG} logs --run {q} --follow\n  {PROG} cancel --run {q}"
+        )
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -277,6 +321,7 @@ def _logs(args: argparse.Namespace) -> int:
 
     rec, task_id = find_task(require_records(RunPaths(Path(args.run))), args.job, args.task)
     if args.follow:
+
         def is_done() -> bool:
             rows = [r for r in job_status([rec]) if r.job_id == task_id]
             return all(r.done for r in rows)

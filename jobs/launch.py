@@ -1,4 +1,5 @@
 """Thin CLI shim: ``python jobs/launch.py COMMAND ...`` (see ``--help``); works from a checkout."""
+
 import sys
 from pathlib import Path
 

@@ -103,8 +103,12 @@ class _Pipe:
         if event["method"] == "Page.javascriptDialogOpening" and session:
             # An open dialog blocks the page; dismiss it (the test fails on it anyway).
             self.next_id += 1
-            msg = {"id": self.next_id, "method": "Page.handleJavaScriptDialog",
-                   "params": {"accept": False}, "sessionId": session}
+            msg = {
+                "id": self.next_id,
+                "method": "Page.handleJavaScriptDialog",
+                "params": {"accept": False},
+                "sessionId": session,
+            }
             os.write(self.write_fd, json.dumps(msg).encode() + b"\0")
 
     def _read(self) -> dict[str, Any]:
@@ -153,11 +157,16 @@ def open_page(html: Path, screenshot: Path, timeout: float = 60.0, settle_s: flo
         os.close(fd)
     with tempfile.TemporaryDirectory(prefix="cnncam-chromium-") as profile:
         args = [exe, *FLAGS, f"--user-data-dir={profile}", "about:blank"]
-        trampoline = (f"import os, sys; os.dup2({child_r}, 3); os.dup2({child_w}, 4); "
-                      f"os.close({child_r}); os.close({child_w}); os.execv(sys.argv[1], sys.argv[1:])")
+        trampoline = (
+            f"import os, sys; os.dup2({child_r}, 3); os.dup2({child_w}, 4); "
+            f"os.close({child_r}); os.close({child_w}); os.execv(sys.argv[1], sys.argv[1:])"
+        )
         proc = subprocess.Popen(
-            [sys.executable, "-c", trampoline, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, pass_fds=(child_r, child_w),
+            [sys.executable, "-c", trampoline, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(child_r, child_w),
         )
         os.close(child_r)
         os.close(child_w)
@@ -201,13 +210,16 @@ def _drive(pipe: _Pipe, html: Path, screenshot: Path, settle_s: float, timeout: 
     images = [
         (str(src), int(width))
         for src, width in json.loads(
-            evaluate("JSON.stringify(Array.from(document.images).map(i => [i.getAttribute('src'), "
-                     "i.naturalWidth]))")
+            evaluate(
+                "JSON.stringify(Array.from(document.images).map(i => [i.getAttribute('src'), "
+                "i.naturalWidth]))"
+            )
         )
     ]
     text = str(evaluate("document.body.innerText"))
-    shot = pipe.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True},
-                     session=session)
+    shot = pipe.send(
+        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=session
+    )
     screenshot.write_bytes(base64.b64decode(shot["data"]))
     errors, dialogs = _errors(pipe.events)
     return PageReport(images, errors, dialogs, text, screenshot, list(pipe.events))

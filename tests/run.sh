@@ -24,4 +24,12 @@ else
     echo "[tests/run.sh] not root or no apt-get: using the tools already installed"
 fi
 
+# Lint, format and types first: cheap, and a failure here should not wait for the slow suite.
+if [ $# -eq 0 ]; then
+    echo "[tests/run.sh] ruff check, ruff format --check, mypy cnncam"
+    "$PYTHON" -m ruff check .
+    "$PYTHON" -m ruff format --check .
+    "$PYTHON" -m mypy cnncam
+fi
+
 "$PYTHON" -m pytest -q "$@"

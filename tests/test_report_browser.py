@@ -34,8 +34,10 @@ def chromium() -> str:
 def test_harness_sees_dialogs_console_errors_and_broken_images(chromium: str, tmp_path: Path) -> None:
     """Positive control: the checks below would catch a script, an error or a missing image."""
     page = tmp_path / "bad.html"
-    page.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
-                    '<img src="nope.png"><script>console.error("bad"); alert(1)</script></body></html>')
+    page.write_text(
+        '<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
+        '<img src="nope.png"><script>console.error("bad"); alert(1)</script></body></html>'
+    )
     seen = open_page(page, tmp_path / "bad.png")
     assert seen.dialogs == ["alert: 1"]
     assert any("bad" in e for e in seen.console_errors)

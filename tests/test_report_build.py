@@ -46,9 +46,18 @@ def test_report_files_are_valid_pngs_all_linked(built: tuple[Path, Path]) -> Non
     assert index == run / "report" / "index.html"
     summary = _summary(index)
     names = {Path(f).name for f in summary["figures"]}
-    expected = {"learning_curves.png", "confusion_matrix.png", "method_comparison.png", "faithfulness.png",
-                "features_00.png", "first_conv_filters.png", "class_means_00.png", "class_means_01.png",
-                *(f"gallery_{g}.png" for g in select.GALLERIES), *(f"class_{c:04d}.png" for c in range(3))}
+    expected = {
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "method_comparison.png",
+        "faithfulness.png",
+        "features_00.png",
+        "first_conv_filters.png",
+        "class_means_00.png",
+        "class_means_01.png",
+        *(f"gallery_{g}.png" for g in select.GALLERIES),
+        *(f"class_{c:04d}.png" for c in range(3)),
+    }
     assert names == expected
     for rel in summary["figures"]:
         path = index.parent / rel
@@ -200,8 +209,9 @@ def test_report_settings_change_the_output(built: tuple[Path, Path], tmp_path: P
     assert len(METHODS) == len(summary["cams"]["class_means"])
 
 
-def test_relative_image_root_is_found_from_another_directory(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_image_root_is_found_from_another_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     project = tmp_path / "project"
     (project / "data" / "shapes").mkdir(parents=True)
     cfg = load_config(None, ["name=x", "runs_dir=out/runs", "data.root=data/shapes"])

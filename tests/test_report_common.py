@@ -76,11 +76,21 @@ def make_batch(start: int, stop: int) -> PartBatch:
 
 def run_info(name: str = "rep") -> RunInfo:
     return RunInfo(
-        run_name=name, split="test", model="simple_cnn", class_names=CLASSES, methods=METHODS,
-        layers=(LAYER,), targets="pred", input_size=(SIZE, SIZE), checkpoint_sha256="ab" * 32,
+        run_name=name,
+        split="test",
+        model="simple_cnn",
+        class_names=CLASSES,
+        methods=METHODS,
+        layers=(LAYER,),
+        targets="pred",
+        input_size=(SIZE, SIZE),
+        checkpoint_sha256="ab" * 32,
         checkpoint_path="checkpoints/best.pt",
         normalization={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        config={"name": name}, git_commit="cafe1234", git_dirty=False, versions={"numpy": np.__version__},
+        config={"name": name},
+        git_commit="cafe1234",
+        git_dirty=False,
+        versions={"numpy": np.__version__},
         slurm={"slurm_job_id": "4242"},
     )
 
@@ -100,10 +110,11 @@ def write_cams(
                 m = min(4, spec.n_items)
                 acts = np.random.default_rng(s).normal(size=(m, 10, 12, 12)).astype(np.float32)
                 acts[:, 3] = 1.0  # a constant channel must not break the display scaling
-                wr.put_extras(activations={"features.0": acts},
-                              activation_index=np.arange(spec.index_start, spec.index_start + m),
-                              first_conv=np.random.default_rng(1).normal(size=(8, 3, 3, 3)) if s == 0
-                              else None)
+                wr.put_extras(
+                    activations={"features.0": acts},
+                    activation_index=np.arange(spec.index_start, spec.index_start + m),
+                    first_conv=np.random.default_rng(1).normal(size=(8, 3, 3, 3)) if s == 0 else None,
+                )
         paths.append(cams_dir / part_filename(s, shards))
     if shards == 1:
         return paths[0]
@@ -124,8 +135,13 @@ def write_images(root: Path, n: int = N_ITEMS, missing: tuple[int, ...] = ()) ->
     return root
 
 
-def epoch_records(train_loss: list[float], val_loss: list[float] | None, train_acc: list[float],
-                  val_acc: list[float] | None = None, iters_per_epoch: int = 3) -> list[dict[str, Any]]:
+def epoch_records(
+    train_loss: list[float],
+    val_loss: list[float] | None,
+    train_acc: list[float],
+    val_acc: list[float] | None = None,
+    iters_per_epoch: int = 3,
+) -> list[dict[str, Any]]:
     """metrics.jsonl records as the trainer writes them (iter lines, then epoch lines per epoch)."""
     recs: list[dict[str, Any]] = []
     step = 0
@@ -133,15 +149,42 @@ def epoch_records(train_loss: list[float], val_loss: list[float] | None, train_a
         for k in range(iters_per_epoch):
             step += 1
             lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / (len(train_loss) * iters_per_epoch)))
-            recs.append({"split": "train", "kind": "iter", "epoch": e - 1 + (k + 1) / iters_per_epoch,
-                         "step": step, "loss": tl * (1.1 - 0.05 * k), "accuracy": ta, "lr": lr,
-                         "images_per_s": 100.0})
-        recs.append({"split": "train", "kind": "epoch", "epoch": e, "step": step, "loss": tl,
-                     "accuracy": ta, "lr": 1e-3})
+            recs.append(
+                {
+                    "split": "train",
+                    "kind": "iter",
+                    "epoch": e - 1 + (k + 1) / iters_per_epoch,
+                    "step": step,
+                    "loss": tl * (1.1 - 0.05 * k),
+                    "accuracy": ta,
+                    "lr": lr,
+                    "images_per_s": 100.0,
+                }
+            )
+        recs.append(
+            {
+                "split": "train",
+                "kind": "epoch",
+                "epoch": e,
+                "step": step,
+                "loss": tl,
+                "accuracy": ta,
+                "lr": 1e-3,
+            }
+        )
         if val_loss is not None:
             va = val_acc[e - 1] if val_acc else ta - 0.05
-            recs.append({"split": "val", "kind": "epoch", "epoch": e, "step": step, "loss": val_loss[e - 1],
-                         "accuracy": va, "lr": 1e-3})
+            recs.append(
+                {
+                    "split": "val",
+                    "kind": "epoch",
+                    "epoch": e,
+                    "step": step,
+                    "loss": val_loss[e - 1],
+                    "accuracy": va,
+                    "lr": 1e-3,
+                }
+            )
     return recs
 
 
@@ -153,13 +196,30 @@ OVERFIT: dict[str, Any] = dict(
 )
 
 
-def make_run(tmp: Path, name: str = "rep", cams: bool = True, missing: tuple[int, ...] = (),
-             shards: int = 1, records: list[dict[str, Any]] | None = None) -> Path:
+def make_run(
+    tmp: Path,
+    name: str = "rep",
+    cams: bool = True,
+    missing: tuple[int, ...] = (),
+    shards: int = 1,
+    records: list[dict[str, Any]] | None = None,
+) -> Path:
     """A complete run directory under ``tmp/runs/<name>`` (images under ``tmp/data``)."""
     root = write_images(tmp / "data", missing=missing)
-    cfg = load_config(None, [f"name={name}", f"runs_dir={tmp / 'runs'}", f"data.root={root}",
-                             f"data.image_size={SIZE}", f"data.resize={SIZE}", "model.channels=[8,16]",
-                             "train.epochs=8", "report.gallery_size=4", "report.per_class=2"])
+    cfg = load_config(
+        None,
+        [
+            f"name={name}",
+            f"runs_dir={tmp / 'runs'}",
+            f"data.root={root}",
+            f"data.image_size={SIZE}",
+            f"data.resize={SIZE}",
+            "model.channels=[8,16]",
+            "train.epochs=8",
+            "report.gallery_size=4",
+            "report.per_class=2",
+        ],
+    )
     paths = RunPaths(cfg.run_dir)
     paths.root.mkdir(parents=True)
     write_config(paths, cfg)
@@ -174,9 +234,23 @@ def make_run(tmp: Path, name: str = "rep", cams: bool = True, missing: tuple[int
         for i in range(12):
             y, p = i % 3, (i % 3 + (i % 5 == 0)) % 3
             wr.writerow([i, f"c{y}/img_{i:03d}.png", y, p, CLASSES[y], CLASSES[p], "0.9"])
-    atomic_write_json(paths.jobs, {"version": 1, "jobs": [
-        {"kind": "train", "executor": "slurm", "job_id": "4241", "tasks": ["4241"], "folder": "x",
-         "name": "cnncam-rep-train", "state": "COMPLETED"}]})
+    atomic_write_json(
+        paths.jobs,
+        {
+            "version": 1,
+            "jobs": [
+                {
+                    "kind": "train",
+                    "executor": "slurm",
+                    "job_id": "4241",
+                    "tasks": ["4241"],
+                    "folder": "x",
+                    "name": "cnncam-rep-train",
+                    "state": "COMPLETED",
+                }
+            ],
+        },
+    )
     if cams:
         write_cams(paths.cams, shards=shards)
         if shards == 1:  # the report's default file name

@@ -44,18 +44,28 @@ def test_overfitting_remedies_respect_what_the_run_already_does() -> None:
 
 def test_accuracy_gap_alone_counts_as_overfitting() -> None:
     # Validation loss never rises, but training accuracy runs away from validation accuracy.
-    d = diagnose(epoch_records(
-        train_loss=[1.0, 0.7, 0.5, 0.3, 0.2], val_loss=[1.0, 0.8, 0.7, 0.68, 0.67],
-        train_acc=[0.5, 0.7, 0.85, 0.95, 0.99], val_acc=[0.5, 0.65, 0.72, 0.75, 0.76]))
+    d = diagnose(
+        epoch_records(
+            train_loss=[1.0, 0.7, 0.5, 0.3, 0.2],
+            val_loss=[1.0, 0.8, 0.7, 0.68, 0.67],
+            train_acc=[0.5, 0.7, 0.85, 0.95, 0.99],
+            val_acc=[0.5, 0.65, 0.72, 0.75, 0.76],
+        )
+    )
     assert d.verdict == "overfitting"
     assert d.onset_epoch == 4  # first epoch with gap > 15%: 0.95 - 0.75
     assert "since epoch 4" in " ".join(d.details)
 
 
 def test_healthy_run_gets_no_remedies() -> None:
-    d = diagnose(epoch_records(
-        train_loss=[1.0, 0.6, 0.4, 0.3, 0.25, 0.22], val_loss=[0.95, 0.6, 0.42, 0.33, 0.3, 0.29],
-        train_acc=[0.6, 0.8, 0.88, 0.91, 0.93, 0.94], val_acc=[0.6, 0.79, 0.86, 0.9, 0.91, 0.92]))
+    d = diagnose(
+        epoch_records(
+            train_loss=[1.0, 0.6, 0.4, 0.3, 0.25, 0.22],
+            val_loss=[0.95, 0.6, 0.42, 0.33, 0.3, 0.29],
+            train_acc=[0.6, 0.8, 0.88, 0.91, 0.93, 0.94],
+            val_acc=[0.6, 0.79, 0.86, 0.9, 0.91, 0.92],
+        )
+    )
     assert d.verdict == "healthy" and d.remedies == ()
     assert d.headline.startswith("Healthy") and d.onset_epoch is None
     assert d.best_val_epoch == 6
@@ -63,10 +73,15 @@ def test_healthy_run_gets_no_remedies() -> None:
 
 
 def test_underfitting_suggests_capacity_not_regularisation() -> None:
-    d = diagnose(epoch_records(
-        train_loss=[1.1, 1.08, 1.07, 1.07, 1.06, 1.06], val_loss=[1.1, 1.09, 1.08, 1.08, 1.07, 1.07],
-        train_acc=[0.33, 0.35, 0.36, 0.37, 0.37, 0.38], val_acc=[0.33, 0.34, 0.35, 0.36, 0.36, 0.37]),
-        model=ModelConfig(dropout=0.6))
+    d = diagnose(
+        epoch_records(
+            train_loss=[1.1, 1.08, 1.07, 1.07, 1.06, 1.06],
+            val_loss=[1.1, 1.09, 1.08, 1.08, 1.07, 1.07],
+            train_acc=[0.33, 0.35, 0.36, 0.37, 0.37, 0.38],
+            val_acc=[0.33, 0.34, 0.35, 0.36, 0.36, 0.37],
+        ),
+        model=ModelConfig(dropout=0.6),
+    )
     assert d.verdict == "underfitting"
     text = _joined(d)
     assert "38.0%" in text and "flat" in text
@@ -76,9 +91,14 @@ def test_underfitting_suggests_capacity_not_regularisation() -> None:
 
 
 def test_underfitting_still_learning_suggests_more_epochs() -> None:
-    d = diagnose(epoch_records(
-        train_loss=[2.0, 1.6, 1.3, 1.0], val_loss=[2.0, 1.62, 1.33, 1.05],
-        train_acc=[0.2, 0.35, 0.45, 0.55], val_acc=[0.2, 0.34, 0.44, 0.53]))
+    d = diagnose(
+        epoch_records(
+            train_loss=[2.0, 1.6, 1.3, 1.0],
+            val_loss=[2.0, 1.62, 1.33, 1.05],
+            train_acc=[0.2, 0.35, 0.45, 0.55],
+            val_acc=[0.2, 0.34, 0.44, 0.53],
+        )
+    )
     assert d.verdict == "underfitting"
     assert any("Train longer" in r for r in d.remedies)
 
@@ -105,8 +125,12 @@ def test_no_validation_split() -> None:
 
 
 def test_thresholds_are_parameters() -> None:
-    recs = epoch_records(train_loss=[1.0, 0.8, 0.6, 0.5], val_loss=[1.0, 0.8, 0.7, 0.72],
-                         train_acc=[0.8, 0.85, 0.9, 0.92], val_acc=[0.8, 0.84, 0.86, 0.86])
+    recs = epoch_records(
+        train_loss=[1.0, 0.8, 0.6, 0.5],
+        val_loss=[1.0, 0.8, 0.7, 0.72],
+        train_acc=[0.8, 0.85, 0.9, 0.92],
+        val_acc=[0.8, 0.84, 0.86, 0.86],
+    )
     assert diagnose(recs).verdict == "healthy"  # +0.02 over the minimum: within the default 5%
     assert diagnose(recs, th=Thresholds(rise=0.01, rise_abs=0.001)).verdict == "overfitting"
 

@@ -20,14 +20,32 @@ from cnncam.train import run_training
 def exported(tmp_path_factory: pytest.TempPathFactory) -> RunConfig:
     tmp = tmp_path_factory.mktemp("e2e")
     data = generate_shapes(tmp / "shapes", num_classes=3, per_class=14, image_size=32, seed=0)
-    cfg = load_config(None, [
-        "name=e2e", f"runs_dir={tmp / 'runs'}", f"data.root={data}", "data.image_size=32", "data.resize=32",
-        "data.batch_size=8", "data.num_workers=0", "model.channels=[8,16]", "train.epochs=3",
-        "train.log_every=2", "train.lr=0.01", "cam.methods=[gradcam,layercam]", "cam.metrics=true",
-        "cam.metric_steps=4", "cam.batch_size=4", "cam.num_workers=0",
-        "cam.activations=[features.block1.relu1]", "cam.activation_images=2",
-        "report.gallery_size=3", "report.per_class=1", "report.max_channels=8",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "name=e2e",
+            f"runs_dir={tmp / 'runs'}",
+            f"data.root={data}",
+            "data.image_size=32",
+            "data.resize=32",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "model.channels=[8,16]",
+            "train.epochs=3",
+            "train.log_every=2",
+            "train.lr=0.01",
+            "cam.methods=[gradcam,layercam]",
+            "cam.metrics=true",
+            "cam.metric_steps=4",
+            "cam.batch_size=4",
+            "cam.num_workers=0",
+            "cam.activations=[features.block1.relu1]",
+            "cam.activation_images=2",
+            "report.gallery_size=3",
+            "report.per_class=1",
+            "report.max_channels=8",
+        ],
+    )
     run_training(cfg)
     export(cfg, num_shards=2)
     return cfg
@@ -47,14 +65,21 @@ def test_report_of_a_real_run(exported: RunConfig) -> None:
     # Curves come from the trainer's real metrics.jsonl (3 epochs with validation).
     assert summary["diagnosis"]["verdict"] in ("overfitting", "underfitting", "healthy")
     names = {Path(f).name for f in summary["figures"]}
-    for expected in ("learning_curves.png", "confusion_matrix.png", "method_comparison.png",
-                     "features_00.png", "first_conv_filters.png", "faithfulness.png"):
+    for expected in (
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "method_comparison.png",
+        "features_00.png",
+        "first_conv_filters.png",
+        "faithfulness.png",
+    ):
         assert expected in names
     for rel in summary["figures"]:
         with Image.open(index.parent / rel) as im:
             im.verify()
-    shown = [it for g in ("confident_correct", "confident_wrong", "least_confident")
-             for it in cams["galleries"][g]]
+    shown = [
+        it for g in ("confident_correct", "confident_wrong", "least_confident") for it in cams["galleries"][g]
+    ]
     assert shown and all(it["image_found"] for it in shown)  # the shapes are on disk
     assert len(cams["galleries"]["least_confident"]) == min(3, cams["n_items"])
     faith = cams["faithfulness"]

@@ -139,10 +139,13 @@ def test_class_metrics_by_hand() -> None:
 
 def test_confusion_from_predictions_csv(tmp_path: Path) -> None:
     p = tmp_path / "predictions.csv"
-    p.write_text("index,path,label,pred,label_name,pred_name,confidence\n"
-                 "0,a.png,0,0,x,x,0.9\n1,b.png,1,0,y,x,0.8\n2,c.png,1,1,y,y,0.7\n")
-    np.testing.assert_array_equal(confusion_from_predictions(p, len(CLASSES)),
-                                  [[1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    p.write_text(
+        "index,path,label,pred,label_name,pred_name,confidence\n"
+        "0,a.png,0,0,x,x,0.9\n1,b.png,1,0,y,x,0.8\n2,c.png,1,1,y,y,0.7\n"
+    )
+    np.testing.assert_array_equal(
+        confusion_from_predictions(p, len(CLASSES)), [[1, 0, 0], [1, 1, 0], [0, 0, 0]]
+    )
     p.write_text("index,path,label,pred\n0,a.png,0,5\n")
     with pytest.raises(CnncamError, match="out of range"):
         confusion_from_predictions(p, len(CLASSES))

@@ -81,8 +81,12 @@ class Launcher:
         return (self.paths.slurm_logs / "%j").absolute()
 
     def submit(
-        self, kind: str, tasks: Sequence[LaunchTask], after: Sequence[JobRecord] = (),
-        shards: Sequence[int] | None = None, num_shards: int | None = None,
+        self,
+        kind: str,
+        tasks: Sequence[LaunchTask],
+        after: Sequence[JobRecord] = (),
+        shards: Sequence[int] | None = None,
+        num_shards: int | None = None,
     ) -> JobRecord:
         """Submit ``tasks`` as one job (one task) or one array; wait for ``after`` (afterok)."""
         if not tasks:
@@ -120,14 +124,22 @@ class Launcher:
         else:
             deps = f", after {', '.join(r.job_id for r in after)}" if after else ""
             self.out.write(f"# --- {kind}: {len(tasks)} task(s) with the {self.executor} executor{deps}\n")
-        return JobRecord(kind, self.executor, placeholder, [placeholder] * len(tasks), str(self.folder),
-                         P.job_name(kind, self.slurm, self.run_name), after=[r.job_id for r in after])
+        return JobRecord(
+            kind,
+            self.executor,
+            placeholder,
+            [placeholder] * len(tasks),
+            str(self.folder),
+            P.job_name(kind, self.slurm, self.run_name),
+            after=[r.job_id for r in after],
+        )
 
     def _submit_slurm(self, kind: str, tasks: Sequence[LaunchTask], after: Sequence[JobRecord]) -> JobRecord:
         import submitit
 
-        executor = submitit.SlurmExecutor(self.folder, max_num_timeout=self.slurm.max_requeues,
-                                          python=self.python)
+        executor = submitit.SlurmExecutor(
+            self.folder, max_num_timeout=self.slurm.max_requeues, python=self.python
+        )
         params = self._params(kind, after)
         executor.update_parameters(**params)
         with clean_slurm_env():
@@ -137,8 +149,9 @@ class Launcher:
                 raise LaunchError(f"sbatch refused the {kind} job: {e}") from None
         ids = [j.job_id for j in jobs]
         job_id = ids[0].split("_")[0]
-        return JobRecord(kind, "slurm", job_id, ids, str(self.folder), params["job_name"],
-                         after=[r.job_id for r in after])
+        return JobRecord(
+            kind, "slurm", job_id, ids, str(self.folder), params["job_name"], after=[r.job_id for r in after]
+        )
 
     def _submit_local(self, kind: str, tasks: Sequence[LaunchTask], after: Sequence[JobRecord]) -> JobRecord:
         import submitit
@@ -148,7 +161,8 @@ class Launcher:
         executor.update_parameters(**P.local_parameters(kind, self.slurm))
         deps = tuple(
             LocalDep(int(pid), str(JobPaths(r.folder, job_id=pid, task_id=0).result_pickle))
-            for r in after for pid in r.tasks
+            for r in after
+            for pid in r.tasks
         )
         # No --dependency locally: each task waits for its dependencies itself (AfterOk).
         fns = [AfterOk(t, deps) if deps else t for t in tasks]
@@ -164,8 +178,15 @@ class Launcher:
                 f"--executor inline runs one process, but {kind} asks for {r.nodes} node(s) x "
                 f"{r.tasks_per_node} task(s); use --executor local or slurm for several tasks"
             )
-        rec = JobRecord(kind, "inline", "inline", ["inline"] * len(tasks), str(self.folder),
-                        P.job_name(kind, self.slurm, self.run_name), state="RUNNING")
+        rec = JobRecord(
+            kind,
+            "inline",
+            "inline",
+            ["inline"] * len(tasks),
+            str(self.folder),
+            P.job_name(kind, self.slurm, self.run_name),
+            state="RUNNING",
+        )
         try:
             for task in tasks:
                 task()

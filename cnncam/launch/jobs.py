@@ -23,8 +23,17 @@ from cnncam.errors import CnncamError, LaunchError
 from cnncam.launch.tasks import pid_alive, read_result
 from cnncam.runs import RunPaths, atomic_write_json, read_json
 
-TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED")
+TERMINAL = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+)
 Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
@@ -200,8 +209,16 @@ def job_status(records: Sequence[JobRecord], run: Runner = _run) -> list[TaskSta
 def format_status(rows: Sequence[TaskStatus]) -> str:
     header = ("JOB", "KIND", "TASK", "SHARD", "STATE", "ELAPSED", "NODE", "RESTARTS")
     table = [header] + [
-        (r.job_id, r.kind, "-" if r.task is None else str(r.task), "-" if r.shard is None else str(r.shard),
-         r.state, r.elapsed or "-", r.node or "-", "?" if r.restarts is None else str(r.restarts))
+        (
+            r.job_id,
+            r.kind,
+            "-" if r.task is None else str(r.task),
+            "-" if r.shard is None else str(r.shard),
+            r.state,
+            r.elapsed or "-",
+            r.node or "-",
+            "?" if r.restarts is None else str(r.restarts),
+        )
         for r in rows
     ]
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]
@@ -249,8 +266,13 @@ def read_from(path: Path, offset: int) -> tuple[str, int]:
 
 
 def follow_logs(
-    rec: JobRecord, task_id: str, rank: int, write: Callable[[str], Any], is_done: Callable[[], bool],
-    poll_s: float = 1.0, timeout_s: float | None = None,
+    rec: JobRecord,
+    task_id: str,
+    rank: int,
+    write: Callable[[str], Any],
+    is_done: Callable[[], bool],
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
 ) -> None:
     """Print stdout and stderr as they grow until the task ends (or ``timeout_s``)."""
     out, err = log_paths(rec, task_id, rank)
@@ -273,8 +295,9 @@ def cancel_jobs(paths: RunPaths, run: Runner = _run) -> list[str]:
     rows = job_status(records, run)
     active = {r.job_id for r in rows if not r.done}
     cancelled: list[str] = []
-    slurm_ids = sorted({rec.job_id for rec in records if rec.executor == "slurm"
-                        and any(t in active for t in rec.tasks)})
+    slurm_ids = sorted(
+        {rec.job_id for rec in records if rec.executor == "slurm" and any(t in active for t in rec.tasks)}
+    )
     if slurm_ids:
         res = run(["scancel", *slurm_ids])
         # A job that ended meanwhile makes scancel complain; that is not a failure to cancel.

@@ -35,11 +35,27 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # any control character but 
 # sbatch options the launcher sets itself (log paths, array, signal and dependency are how it
 # finds and chains jobs), mapped to the flag to use instead (None: not settable).
 _MANAGED: dict[str, str | None] = {
-    "output": None, "error": None, "open-mode": None, "array": "--shards", "signal": "--signal-delay",
-    "dependency": None, "wrap": None, "parsable": None, "partition": "--partition", "nodes": "--nodes",
-    "ntasks-per-node": "--tasks-per-node", "ntasks": "--tasks-per-node", "gpus-per-node": "--gpus",
-    "gres": "--gpus", "gpus": "--gpus", "cpus-per-task": "--cpus-per-task", "mem": "--mem-gb",
-    "time": "--time", "account": "--account", "qos": "--qos", "constraint": "--constraint",
+    "output": None,
+    "error": None,
+    "open-mode": None,
+    "array": "--shards",
+    "signal": "--signal-delay",
+    "dependency": None,
+    "wrap": None,
+    "parsable": None,
+    "partition": "--partition",
+    "nodes": "--nodes",
+    "ntasks-per-node": "--tasks-per-node",
+    "ntasks": "--tasks-per-node",
+    "gpus-per-node": "--gpus",
+    "gres": "--gpus",
+    "gpus": "--gpus",
+    "cpus-per-task": "--cpus-per-task",
+    "mem": "--mem-gb",
+    "time": "--time",
+    "account": "--account",
+    "qos": "--qos",
+    "constraint": "--constraint",
     "job-name": "--job-name",
 }
 TIME_FORMATS = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"

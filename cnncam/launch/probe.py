@@ -26,10 +26,25 @@ from cnncam.runs import atomic_write_json
 from cnncam.stop import StopFlag
 
 ENV_KEYS = (
-    "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "SLURM_LOCALID",
-    "SLURM_NTASKS", "SLURM_NNODES", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION",
-    "SLURM_CPUS_PER_TASK", "SLURM_JOB_NAME", "CUDA_VISIBLE_DEVICES", "SUBMITIT_EXECUTOR", "RANK",
-    "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NTASKS",
+    "SLURM_NNODES",
+    "SLURM_JOB_NODELIST",
+    "SLURM_RESTART_COUNT",
+    "SLURM_JOB_PARTITION",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_JOB_NAME",
+    "CUDA_VISIBLE_DEVICES",
+    "SUBMITIT_EXECUTOR",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
 )
 MODULUS = 1_000_003
 
@@ -88,8 +103,9 @@ def run_probe(
     if state_path.exists():
         state = json.loads(state_path.read_text())
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    print(f"probe start: rank {rank}/{world} shard {shard} step {state['step']} restart {restart}",
-          flush=True)
+    print(
+        f"probe start: rank {rank}/{world} shard {shard} step {state['step']} restart {restart}", flush=True
+    )
     info: dict[str, Any] = {k: os.environ[k] for k in ENV_KEYS if k in os.environ}
     info.update(rank=rank, world_size=world, host=socket.gethostname(), pid=os.getpid())
     if allreduce:

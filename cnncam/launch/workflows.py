@@ -42,15 +42,22 @@ def cam_step(cfg: RunConfig, num_shards: int) -> ShardedStep:
         return [p.state for p in part_status(cams_dir(cfg), num_shards)]
 
     return ShardedStep(
-        "cam", num_shards, lambda k: CamShardTask(cfg, k, num_shards), lambda: MergeTask(cfg, num_shards),
-        states, cams_dir(cfg) / MERGED_FILENAME,
+        "cam",
+        num_shards,
+        lambda k: CamShardTask(cfg, k, num_shards),
+        lambda: MergeTask(cfg, num_shards),
+        states,
+        cams_dir(cfg) / MERGED_FILENAME,
     )
 
 
 def probe_step(root: Path, num_shards: int, steps: int, step_s: float) -> ShardedStep:
     return ShardedStep(
-        "probe", num_shards, lambda k: ProbeTask(str(root), steps, step_s, shard=k),
-        lambda: ProbeMergeTask(str(root), num_shards), lambda: part_states(root, num_shards),
+        "probe",
+        num_shards,
+        lambda k: ProbeTask(str(root), steps, step_s, shard=k),
+        lambda: ProbeMergeTask(str(root), num_shards),
+        lambda: part_states(root, num_shards),
         root / "merged.json",
     )
 
@@ -66,8 +73,9 @@ def submit_sharded(
     """The shard array (all shards, or ``only`` these) and a merge job waiting for it."""
     check_shards(step.num_shards)
     shards = list(range(step.num_shards)) if only is None else list(only)
-    array = launcher.submit(step.kind, [step.shard_task(k) for k in shards], after, shards=shards,
-                            num_shards=step.num_shards)
+    array = launcher.submit(
+        step.kind, [step.shard_task(k) for k in shards], after, shards=shards, num_shards=step.num_shards
+    )
     merge = launcher.submit("merge", [step.merge_task()], [array], num_shards=step.num_shards)
     return [array, merge]
 
@@ -86,15 +94,19 @@ def retry_failed(launcher: Launcher, step: ShardedStep) -> list[JobRecord]:
     shard_records = [r for r in records if r.kind == step.kind]
     busy = [row.job_id for row in job_status(shard_records) if not row.done]
     if busy:
-        raise LaunchError(f"{step.kind} shard jobs still queued or running: {', '.join(busy)}; "
-                          "wait for them or cancel them first")
+        raise LaunchError(
+            f"{step.kind} shard jobs still queued or running: {', '.join(busy)}; "
+            "wait for them or cancel them first"
+        )
     _cancel_orphan_merges(launcher, records)
     states = step.states()
     # Never overwrite what we cannot vouch for: another run's part, or an unreadable one.
     odd = {k: s for k, s in enumerate(states) if s in ("foreign", "corrupt")}
     if odd:
-        raise LaunchError(f"part files of shards {odd} belong to another run or sharding, or are "
-                          "unreadable; remove them (or use another cam.out) and retry")
+        raise LaunchError(
+            f"part files of shards {odd} belong to another run or sharding, or are "
+            "unreadable; remove them (or use another cam.out) and retry"
+        )
     failed = [k for k, s in enumerate(states) if s != "complete"]
     if not failed:
         if step.merged.exists():
@@ -123,8 +135,10 @@ def ensure_idle(launcher: Launcher, kinds: Sequence[str]) -> None:
     records = [r for r in load_records(launcher.paths) if r.kind in kinds and r.executor != "inline"]
     busy = [f"{row.job_id} ({row.kind}, {row.state})" for row in job_status(records) if not row.done]
     if busy:
-        raise LaunchError(f"jobs of this run are still queued or running: {', '.join(busy)}; wait for "
-                          f"them or `cancel --run {launcher.run_dir}` first")
+        raise LaunchError(
+            f"jobs of this run are still queued or running: {', '.join(busy)}; wait for "
+            f"them or `cancel --run {launcher.run_dir}` first"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,8 +182,14 @@ def launch_pipeline(launcher: Launcher, cfg: RunConfig, shards: int | None) -> l
 
 
 def launch_probe(
-    launcher: Launcher, root: Path, steps: int, step_s: float, shards: int | None, retry: bool,
-    allreduce: bool = False, fail: bool = False,
+    launcher: Launcher,
+    root: Path,
+    steps: int,
+    step_s: float,
+    shards: int | None,
+    retry: bool,
+    allreduce: bool = False,
+    fail: bool = False,
 ) -> list[JobRecord]:
     if retry:
         n = shards if shards is not None else recorded_num_shards(launcher, "probe")

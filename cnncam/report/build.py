@@ -69,8 +69,11 @@ def build_report(
     figs = S.FigureWriter(out / f"figures-{build_id}", rc.dpi)
     try:
         sections, summary = _build(run_cfg, paths, cams_path, rc, figs)
-        summary.update(build=build_id, generated_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       figures=list(figs.written))
+        summary.update(
+            build=build_id,
+            generated_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            figures=list(figs.written),
+        )
         atomic_write_json(out / "summary.json", _plain(summary))
         subtitle = f"{paths.root} · generated {summary['generated_utc']}"
         atomic_write_text(out / "index.html", H.page(f"cnncam report: {run_cfg.name}", subtitle, sections))
@@ -120,8 +123,9 @@ def _build(
         keys = [(m, layer) for m in cams.methods for layer in cams.layers]
         log.info("report: scanning %d items of %s", cams.n_items, cams_path)
         result = scan(cams, rc.gallery_size, rc.per_class, keys)
-        sections.append(("summary", "Summary", _summary(cfg, paths, c, names, cams, result.confusion,
-                                                        summary["notes"])))
+        sections.append(
+            ("summary", "Summary", _summary(cfg, paths, c, names, cams, result.confusion, summary["notes"]))
+        )
         sections.append(("curves", "Curves", S.curves_section(c, diag, figs)))
         source = f"{cams_path.name} ({cams.attrs.get('split')} split)"
         html, summary["confusion"] = S.classification_section(result.confusion, names, source, figs)
@@ -138,9 +142,15 @@ def _build(
         if faith is not None:
             sections.append(("faithfulness", "Faithfulness", faith))
         summary["cams"] = {
-            "path": str(cams_path), "n_items": result.n_items, "split": cams.attrs.get("split"),
-            "methods": cams.methods, "layers": cams.layers, "targets": cams.attrs.get("targets"),
-            "galleries": galleries, "class_means": means, "faithfulness": faith_summary,
+            "path": str(cams_path),
+            "n_items": result.n_items,
+            "split": cams.attrs.get("split"),
+            "methods": cams.methods,
+            "layers": cams.layers,
+            "targets": cams.attrs.get("targets"),
+            "galleries": galleries,
+            "class_means": means,
+            "faithfulness": faith_summary,
         }
     return sections, summary
 
@@ -177,14 +187,24 @@ def _confusion_fallback(paths: RunPaths, names: list[str]) -> np.ndarray | None:
 
 
 def _summary(
-    cfg: RunConfig, paths: RunPaths, c: Curves, names: list[str], cams: CamFile | None,
-    conf: np.ndarray | None, notes: list[str],
+    cfg: RunConfig,
+    paths: RunPaths,
+    c: Curves,
+    names: list[str],
+    cams: CamFile | None,
+    conf: np.ndarray | None,
+    notes: list[str],
 ) -> H.Raw:
     """Run facts, class counts per split, provenance and jobs."""
     facts = R.run_facts(cfg, paths, c.best_epoch, len(c.epochs), c.test_accuracy)
     if cams is not None:
-        facts.append(("CAM file", f"{cams.path} ({cams.n_items:,} items, {cams.attrs.get('split')} split, "
-                                  f"methods {', '.join(cams.methods)}, layers {', '.join(cams.layers)})"))
+        facts.append(
+            (
+                "CAM file",
+                f"{cams.path} ({cams.n_items:,} items, {cams.attrs.get('split')} split, "
+                f"methods {', '.join(cams.methods)}, layers {', '.join(cams.layers)})",
+            )
+        )
     body: list[object] = [H.kv_table(facts)]
     counts = R.split_counts(paths, len(names))
     headers = ["class", *counts]
@@ -193,8 +213,10 @@ def _summary(
         headers.append(f"CAM file ({cams.attrs.get('split') if cams else ''})")
         columns.append(conf.sum(axis=1).tolist())
     if names:
-        body += [H.tag("h3", f"Classes ({len(names)})"),
-                 H.table(headers, ([n, *(col[i] for col in columns)] for i, n in enumerate(names)))]
+        body += [
+            H.tag("h3", f"Classes ({len(names)})"),
+            H.table(headers, ([n, *(col[i] for col in columns)] for i, n in enumerate(names))),
+        ]
     body += [H.tag("h3", "Provenance"), H.kv_table(R.provenance_facts(paths, cams.attrs if cams else None))]
     jobs = R.job_rows(paths)
     if jobs:

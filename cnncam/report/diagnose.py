@@ -126,8 +126,9 @@ def diagnose(
     c = curves(records)
     if len(c.epochs) < 2:
         n = len(c.epochs)
-        return Diagnosis("unknown", f"Only {n} epoch{'s' if n != 1 else ''} logged: too few to judge the "
-                         "learning curves.")
+        return Diagnosis(
+            "unknown", f"Only {n} epoch{'s' if n != 1 else ''} logged: too few to judge the learning curves."
+        )
     if not c.val_loss:
         return _no_val(c, th)
     gaps = _gaps(c)
@@ -136,13 +137,22 @@ def diagnose(
         return over
     if c.train_acc[-1] < th.underfit_acc:
         return _underfitting(c, th, model, gaps)
-    details = [f"Validation loss ended at {c.val_loss[-1]:.4g} (lowest {min(c.val_loss):.4g}, at epoch "
-               f"{_argmin_epoch(c)}); training accuracy {c.train_acc[-1]:.1%}, validation accuracy "
-               f"{c.val_acc[-1]:.1%} (gap {gaps[1]:+.1%})."]
+    details = [
+        f"Validation loss ended at {c.val_loss[-1]:.4g} (lowest {min(c.val_loss):.4g}, at epoch "
+        f"{_argmin_epoch(c)}); training accuracy {c.train_acc[-1]:.1%}, validation accuracy "
+        f"{c.val_acc[-1]:.1%} (gap {gaps[1]:+.1%})."
+    ]
     if _still_falling(c.val_loss, th):
         details.append("Validation loss was still falling at the last epoch: more epochs may help.")
-    return Diagnosis("healthy", "Healthy: no sign of over- or under-fitting.", tuple(details),
-                     (), None, _argmin_epoch(c), *gaps)
+    return Diagnosis(
+        "healthy",
+        "Healthy: no sign of over- or under-fitting.",
+        tuple(details),
+        (),
+        None,
+        _argmin_epoch(c),
+        *gaps,
+    )
 
 
 def _bad_loss(r: Mapping[str, Any]) -> bool:
@@ -178,18 +188,25 @@ def _overfitting(
         )
     elif acc_gap > th.acc_gap:
         onset_i = next(i for i, (a, b) in enumerate(zip(c.train_acc, c.val_acc)) if a - b > th.acc_gap)
-        details.append(f"Training accuracy exceeds validation accuracy by more than {th.acc_gap:.0%} "
-                       f"since epoch {c.epochs[onset_i]}.")
+        details.append(
+            f"Training accuracy exceeds validation accuracy by more than {th.acc_gap:.0%} "
+            f"since epoch {c.epochs[onset_i]}."
+        )
     else:
         return None
     onset = c.epochs[onset_i]
-    details.append(f"At the last epoch the loss gap (validation - training) is {loss_gap:.4g} and "
-                   f"the accuracy gap (training - validation) is {acc_gap:.1%}.")
-    headline = (f"Over-fitting from epoch {onset}: the model memorises the training set and "
-                "generalises worse as training goes on.")
+    details.append(
+        f"At the last epoch the loss gap (validation - training) is {loss_gap:.4g} and "
+        f"the accuracy gap (training - validation) is {acc_gap:.1%}."
+    )
+    headline = (
+        f"Over-fitting from epoch {onset}: the model memorises the training set and "
+        "generalises worse as training goes on."
+    )
     remedies = _overfit_remedies(c, best_i, train, data, model)
-    return Diagnosis("overfitting", headline, tuple(details), remedies, onset, c.epochs[best_i],
-                     loss_gap, acc_gap)
+    return Diagnosis(
+        "overfitting", headline, tuple(details), remedies, onset, c.epochs[best_i], loss_gap, acc_gap
+    )
 
 
 def _overfit_remedies(
@@ -199,16 +216,20 @@ def _overfit_remedies(
     if data is None or data.augment != "full":
         out.append("More data augmentation (data.augment=full: rotation, shifts, zoom, colour jitter).")
     else:
-        out.append("Stronger augmentation (a smaller data.crop_scale lower bound, larger data.rotation "
-                   "and data.color_jitter).")
+        out.append(
+            "Stronger augmentation (a smaller data.crop_scale lower bound, larger data.rotation "
+            "and data.color_jitter)."
+        )
     if model is None or model.dropout < 0.5:
         out.append("More dropout before the classifier (model.dropout=0.5).")
     wd = train.weight_decay if train is not None else 0.0
     if wd < 0.1:
         out.append(f"More weight decay (L2 regularisation), e.g. train.weight_decay={max(wd * 10, 1e-2):g}.")
     if train is None or train.patience == 0:
-        out.append(f"Early stopping (train.patience=3); the best validation loss was at epoch "
-                   f"{c.epochs[best_i]}, and best.pt keeps the best epoch by train.monitor.")
+        out.append(
+            f"Early stopping (train.patience=3); the best validation loss was at epoch "
+            f"{c.epochs[best_i]}, and best.pt keeps the best epoch by train.monitor."
+        )
     out.append("More training images, or a smaller model (fewer model.channels / blocks).")
     if _unstable(c.val_loss):
         out.append("A lower learning rate (e.g. train.lr halved): the validation loss oscillates.")
@@ -219,35 +240,53 @@ def _underfitting(
     c: Curves, th: Thresholds, model: ModelConfig | None, gaps: tuple[float, float]
 ) -> Diagnosis:
     falling = _still_falling(c.train_loss, th)
-    details = [f"Training accuracy is only {c.train_acc[-1]:.1%} after {len(c.epochs)} epochs "
-               f"(validation {c.val_acc[-1]:.1%}); training loss is "
-               f"{'still falling' if falling else 'flat'} ({c.train_loss[0]:.4g} -> {c.train_loss[-1]:.4g})."]
+    details = [
+        f"Training accuracy is only {c.train_acc[-1]:.1%} after {len(c.epochs)} epochs "
+        f"(validation {c.val_acc[-1]:.1%}); training loss is "
+        f"{'still falling' if falling else 'flat'} ({c.train_loss[0]:.4g} -> {c.train_loss[-1]:.4g})."
+    ]
     remedies = []
     if falling:
         remedies.append("Train longer (more train.epochs): the training loss has not levelled off.")
     remedies.append("A bigger model (more model.channels, or resnet18/resnet50 with pretrained weights).")
     remedies.append("More (or cleaner) training data.")
     if not falling:
-        remedies.append("A higher learning rate or less regularisation (lower train.weight_decay / "
-                        "model.dropout): the training loss is stuck.")
+        remedies.append(
+            "A higher learning rate or less regularisation (lower train.weight_decay / "
+            "model.dropout): the training loss is stuck."
+        )
     if _unstable(c.train_loss):
         remedies.append("A lower learning rate: the training loss oscillates between epochs.")
     if model is not None and model.dropout >= 0.5:
-        remedies.append(f"Less dropout (model.dropout={model.dropout:g} is high for a model that "
-                        "under-fits).")
-    return Diagnosis("underfitting", "Under-fitting: the model has not learnt the training set well.",
-                     tuple(details), tuple(remedies), None, _argmin_epoch(c), *gaps)
+        remedies.append(
+            f"Less dropout (model.dropout={model.dropout:g} is high for a model that under-fits)."
+        )
+    return Diagnosis(
+        "underfitting",
+        "Under-fitting: the model has not learnt the training set well.",
+        tuple(details),
+        tuple(remedies),
+        None,
+        _argmin_epoch(c),
+        *gaps,
+    )
 
 
 def _no_val(c: Curves, th: Thresholds) -> Diagnosis:
     acc = c.train_acc[-1]
     if acc < th.underfit_acc:
-        return Diagnosis("underfitting", "Under-fitting: training accuracy is low (no validation split "
-                         "to check over-fitting).", (f"Final training accuracy {acc:.1%}.",),
-                         ("Train longer (more train.epochs).", "A bigger model.", "More training data."))
-    return Diagnosis("unknown", "No validation split: over-fitting cannot be judged.",
-                     (f"Final training accuracy {acc:.1%}.",),
-                     ("Keep a validation split (data.split.val > 0) to watch for over-fitting.",))
+        return Diagnosis(
+            "underfitting",
+            "Under-fitting: training accuracy is low (no validation split to check over-fitting).",
+            (f"Final training accuracy {acc:.1%}.",),
+            ("Train longer (more train.epochs).", "A bigger model.", "More training data."),
+        )
+    return Diagnosis(
+        "unknown",
+        "No validation split: over-fitting cannot be judged.",
+        (f"Final training accuracy {acc:.1%}.",),
+        ("Keep a validation split (data.split.val > 0) to watch for over-fitting.",),
+    )
 
 
 def _diverged(train: TrainConfig | None) -> Diagnosis:

@@ -43,8 +43,14 @@ def image_grid(rows: int, cols: int, panel_w: float, panel_h: float) -> tuple[Fi
     title_in = 0.32  # room for a one-line 8 pt title above each row
     fig = new_figure(cols * panel_w, rows * (panel_h + title_in) + 0.1, layout=None)
     height = rows * (panel_h + title_in) + 0.1
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.05 / height, top=1 - (title_in + 0.05) / height,
-                        wspace=0.04, hspace=title_in / panel_h)
+    fig.subplots_adjust(
+        left=0.01,
+        right=0.99,
+        bottom=0.05 / height,
+        top=1 - (title_in + 0.05) / height,
+        wspace=0.04,
+        hspace=title_in / panel_h,
+    )
     return fig, np.asarray(fig.subplots(rows, cols, squeeze=False))
 
 
@@ -63,8 +69,9 @@ def label(text: object, limit: int = 40) -> str:
 def _blank(ax: Axes, note: str = "") -> None:
     ax.set_axis_off()
     if note:
-        ax.text(0.5, 0.5, label(note, 60), ha="center", va="center", fontsize=8, wrap=True,
-                transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, label(note, 60), ha="center", va="center", fontsize=8, wrap=True, transform=ax.transAxes
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,8 +134,15 @@ def confusion_figure(matrix: np.ndarray, names: Sequence[str]) -> Figure:
         if n <= 15:
             top = float(data.max()) or 1.0
             for (i, j), v in np.ndenumerate(data):
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8,
-                        color="white" if v > 0.6 * top else "black")
+                ax.text(
+                    j,
+                    i,
+                    format(v, fmt),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if v > 0.6 * top else "black",
+                )
     return fig
 
 
@@ -143,9 +157,7 @@ def _overlay(image: np.ndarray, map01: np.ndarray, alpha: float, cmap: str) -> n
     return out[0].permute(1, 2, 0).numpy()
 
 
-def gallery_figure(
-    items: Sequence[Item], key: Key, names: Sequence[str], alpha: float, cmap: str
-) -> Figure:
+def gallery_figure(items: Sequence[Item], key: Key, names: Sequence[str], alpha: float, cmap: str) -> Figure:
     """One row per item, the seeds' 3 panels: image, heatmap, overlay (heatmap only without image)."""
     fig, axes = image_grid(max(len(items), 1), 3, PANEL_IN, PANEL_IN)
     for ax_row, it in zip(axes, items):
@@ -187,8 +199,12 @@ def comparison_figure(
         ax_row[0].set_title(label(f"{names[it.label]} → {names[it.pred]}", 26), fontsize=8)
         for ax, key in zip(ax_row[1:], keys):
             m = it.map01[key]
-            ax.imshow(_overlay(it.image, m, alpha, cmap) if it.image is not None else m,
-                      cmap=None if it.image is not None else cmap, vmin=0, vmax=1)
+            ax.imshow(
+                _overlay(it.image, m, alpha, cmap) if it.image is not None else m,
+                cmap=None if it.image is not None else cmap,
+                vmin=0,
+                vmax=1,
+            )
             ax.set_axis_off()
             ax.set_title(label(f"{key[0]} @ {key[1]}", 28), fontsize=7)
     return fig
@@ -228,7 +244,7 @@ def _tile(tiles: np.ndarray, per_row: int) -> np.ndarray:
     grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, *tiles.shape[3:]), np.nan, dtype=np.float32)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = tiles[i]
+        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = tiles[i]
     return grid
 
 
@@ -244,8 +260,9 @@ def standardize_channels(acts: np.ndarray) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.float32)
 
 
-def _grid_figure(grid: np.ndarray, title: str, tiles_per_row: int, tile_in: float,
-                 vrange: tuple[float, float] = (0.0, 1.0)) -> Figure:
+def _grid_figure(
+    grid: np.ndarray, title: str, tiles_per_row: int, tile_in: float, vrange: tuple[float, float] = (0.0, 1.0)
+) -> Figure:
     """One image (a tiled grid; NaN gaps shown white) filling the figure under a one-line title."""
     title_in = 0.35
     width = max(2.5, tile_in * tiles_per_row)
@@ -258,8 +275,9 @@ def _grid_figure(grid: np.ndarray, title: str, tiles_per_row: int, tile_in: floa
         cm = matplotlib.colormaps["viridis"].with_extremes(bad="white")
         ax.imshow(grid, cmap=cm, interpolation="nearest", aspect="auto", vmin=vrange[0], vmax=vrange[1])
     ax.set_axis_off()
-    fig.text(0.5, 1 - 0.5 * title_in / (img_h + title_in), label(title, 90), ha="center", va="center",
-             fontsize=9)
+    fig.text(
+        0.5, 1 - 0.5 * title_in / (img_h + title_in), label(title, 90), ha="center", va="center", fontsize=9
+    )
     return fig
 
 
@@ -299,7 +317,14 @@ def faithfulness_figure(stats: Mapping[Key, MetricStats]) -> Figure:
                 continue
             ax.bar(HIST_BINS[:-1], st.hist[name], width=width, align="edge", edgecolor="white")
             mean = st.mean(name)
-            ax.set_title(label(f"{key[0]} @ {key[1]}\n{name} (mean {mean:.3f})" if mean is not None
-                               else f"{key[0]} @ {key[1]}\n{name}", 60), fontsize=8)
+            ax.set_title(
+                label(
+                    f"{key[0]} @ {key[1]}\n{name} (mean {mean:.3f})"
+                    if mean is not None
+                    else f"{key[0]} @ {key[1]}\n{name}",
+                    60,
+                ),
+                fontsize=8,
+            )
             ax.set(xlim=(0, 1), xlabel=name, ylabel="images")
     return fig

@@ -105,7 +105,7 @@ def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, Raw]]) ->
     """The whole document; ``sections`` are (anchor, nav label, section HTML)."""
     nav = join(tag("a", label, href=f"#{anchor}") for anchor, label, _ in sections)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         # An empty icon: otherwise browsers request favicon.ico and log a 404 error.

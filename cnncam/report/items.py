@@ -52,11 +52,17 @@ class Item:
 
     def to_dict(self, class_names: Sequence[str]) -> dict[str, object]:
         return {
-            "row": self.row, "index": self.index, "path": self.path,
-            "label": self.label, "pred": self.pred,
-            "label_name": class_names[self.label], "pred_name": class_names[self.pred],
-            "confidence": round(self.confidence, 6), "explained": self.explained,
-            "image_found": self.image is not None, "note": self.note,
+            "row": self.row,
+            "index": self.index,
+            "path": self.path,
+            "label": self.label,
+            "pred": self.pred,
+            "label_name": class_names[self.label],
+            "pred_name": class_names[self.pred],
+            "confidence": round(self.confidence, 6),
+            "explained": self.explained,
+            "image_found": self.image is not None,
+            "note": self.note,
         }
 
 
@@ -76,8 +82,10 @@ def load_items(
     if rows.size == 0:
         return []
     # Rows are read in sorted windows spanning at most chunk_rows() file rows: bounded memory.
-    f = {n: cams.read(n, rows, chunk=sel.chunk_rows(cams, [n]))
-         for n in ("samples/index", "samples/path", sel.LABEL, sel.PRED, sel.LOGITS, sel.TARGETS)}
+    f = {
+        n: cams.read(n, rows, chunk=sel.chunk_rows(cams, [n]))
+        for n in ("samples/index", "samples/path", sel.LABEL, sel.PRED, sel.LOGITS, sel.TARGETS)
+    }
     prob = sel.softmax(f[sel.LOGITS])
     slot = sel.map_for_class(f[sel.TARGETS], f[sel.PRED])
     slot = np.where(slot < 0, 0, slot)
@@ -91,13 +99,20 @@ def load_items(
     for i, row in enumerate(rows):
         path = str(f["samples/path"][i])
         image, note = load_image(root, path, data) if root is not None else (None, "no image folder")
-        items.append(Item(
-            row=int(row), index=int(f["samples/index"][i]), path=path,
-            label=int(f[sel.LABEL][i]), pred=int(f[sel.PRED][i]),
-            confidence=float(prob[i, f[sel.PRED][i]]),
-            explained=int(f[sel.TARGETS][i, slot[i]]),
-            map01={k: m[i] for k, m in maps.items()}, image=image, note=note,
-        ))
+        items.append(
+            Item(
+                row=int(row),
+                index=int(f["samples/index"][i]),
+                path=path,
+                label=int(f[sel.LABEL][i]),
+                pred=int(f[sel.PRED][i]),
+                confidence=float(prob[i, f[sel.PRED][i]]),
+                explained=int(f[sel.TARGETS][i, slot[i]]),
+                map01={k: m[i] for k, m in maps.items()},
+                image=image,
+                note=note,
+            )
+        )
     return items
 
 

@@ -66,8 +66,9 @@ def shown_classes(conf: np.ndarray, limit: int) -> list[int]:
 def _limit_note(names: Sequence[str], shown: Sequence[int]) -> list[object]:
     if len(shown) == len(names):
         return []
-    return [H.note(f"{len(names)} classes: showing the {len(shown)} with the lowest recall "
-                   "(report.max_classes).")]
+    return [
+        H.note(f"{len(names)} classes: showing the {len(shown)} with the lowest recall (report.max_classes).")
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,10 +107,17 @@ def classification_section(
         H.table(["class", "precision", "recall", "F1", "support"], rows),
     ]
     if len(names) <= 30:
-        body += [H.tag("h3", "Confusion matrix (rows: true class, columns: predicted)"),
-                 H.table(["true \\ predicted", *names], ([n, *map(int, r)] for n, r in zip(names, conf)))]
-    summary = {"source": source, "class_names": list(names), "matrix": conf.tolist(),
-               "per_class": cm["classes"], **{k: v for k, v in cm.items() if k != "classes"}}
+        body += [
+            H.tag("h3", "Confusion matrix (rows: true class, columns: predicted)"),
+            H.table(["true \\ predicted", *names], ([n, *map(int, r)] for n, r in zip(names, conf))),
+        ]
+    summary = {
+        "source": source,
+        "class_names": list(names),
+        "matrix": conf.tolist(),
+        "per_class": cm["classes"],
+        **{k: v for k, v in cm.items() if k != "classes"},
+    }
     return H.section("classification", "Confusion matrix and per-class metrics", body), summary
 
 
@@ -119,14 +127,28 @@ def classification_section(
 
 def _caption_rows(items: Sequence[Item], names: Sequence[str]) -> list[tuple[object, ...]]:
     return [
-        (i + 1, it.index, H.tag("code", it.path), names[it.label], names[it.pred], f"{it.confidence:.1%}",
-         it.note or "")
+        (
+            i + 1,
+            it.index,
+            H.tag("code", it.path),
+            names[it.label],
+            names[it.pred],
+            f"{it.confidence:.1%}",
+            it.note or "",
+        )
         for i, it in enumerate(items)
     ]
 
 
-def _gallery(title: str, items: Sequence[Item], key: Key, names: Sequence[str], rc: ReportConfig,
-             figs: FigureWriter, fig_name: str) -> list[object]:
+def _gallery(
+    title: str,
+    items: Sequence[Item],
+    key: Key,
+    names: Sequence[str],
+    rc: ReportConfig,
+    figs: FigureWriter,
+    fig_name: str,
+) -> list[object]:
     out: list[object] = [H.tag("h3", title)]
     if not items:
         return out + [H.para("No images fall in this group.", class_="muted")]
@@ -134,20 +156,31 @@ def _gallery(title: str, items: Sequence[Item], key: Key, names: Sequence[str], 
         out.append(H.note("Some images could not be read; their rows show the heatmap only."))
     fig = F.gallery_figure(items, key, names, rc.alpha, rc.colormap)
     out.append(H.img(figs.save(fig, fig_name), title))
-    out.append(H.table(["#", "index", "path", "true", "predicted", "confidence", "note"],
-                       _caption_rows(items, names)))
+    out.append(
+        H.table(
+            ["#", "index", "path", "true", "predicted", "confidence", "note"], _caption_rows(items, names)
+        )
+    )
     return out
 
 
 def gallery_section(
-    cams: CamFile, scan: Scan, keys: Sequence[Key], rc: ReportConfig, data: DataConfig, root: Path,
+    cams: CamFile,
+    scan: Scan,
+    keys: Sequence[Key],
+    rc: ReportConfig,
+    data: DataConfig,
+    root: Path,
     figs: FigureWriter,
 ) -> tuple[H.Raw, dict[str, Any]]:
     """The seeds' 3-panel galleries (first method/layer), then the method/layer comparison."""
     names, key = cams.class_names, keys[0]
-    body: list[object] = [H.para(
-        f"Maps: {key[0]} at layer {key[1]}, explaining the predicted class (targets "
-        f"{cams.attrs.get('targets')}); overlay alpha {rc.alpha:g}, colormap {rc.colormap}.")]
+    body: list[object] = [
+        H.para(
+            f"Maps: {key[0]} at layer {key[1]}, explaining the predicted class (targets "
+            f"{cams.attrs.get('targets')}); overlay alpha {rc.alpha:g}, colormap {rc.colormap}."
+        )
+    ]
     if not root.is_dir():
         body.append(H.note(f"Image folder {root} not found: galleries show heatmaps only."))
     summary: dict[str, Any] = {}
@@ -171,8 +204,13 @@ def gallery_section(
     return H.section("galleries", "CAM galleries", body), summary
 
 
-def _comparison(loaded: dict[str, list[Item]], keys: Sequence[Key], names: Sequence[str], rc: ReportConfig,
-                figs: FigureWriter) -> list[object]:
+def _comparison(
+    loaded: dict[str, list[Item]],
+    keys: Sequence[Key],
+    names: Sequence[str],
+    rc: ReportConfig,
+    figs: FigureWriter,
+) -> list[object]:
     """Up to ``compare_size`` images, alternating confident-correct and confident-wrong ones."""
     picks: list[Item] = []
     seen: set[int] = set()
@@ -187,28 +225,38 @@ def _comparison(loaded: dict[str, list[Item]], keys: Sequence[Key], names: Seque
         return out + [H.para("No images to compare.", class_="muted")]
     fig = F.comparison_figure(picks, keys, names, rc.alpha, rc.colormap)
     out.append(H.img(figs.save(fig, "method_comparison"), "method comparison"))
-    out.append(H.table(["#", "index", "path", "true", "predicted", "confidence", "note"],
-                       _caption_rows(picks, names)))
+    out.append(
+        H.table(
+            ["#", "index", "path", "true", "predicted", "confidence", "note"], _caption_rows(picks, names)
+        )
+    )
     return out
 
 
-def means_section(cams: CamFile, scan: Scan, keys: Sequence[Key], rc: ReportConfig,
-                  figs: FigureWriter) -> tuple[H.Raw, dict[str, Any]]:
+def means_section(
+    cams: CamFile, scan: Scan, keys: Sequence[Key], rc: ReportConfig, figs: FigureWriter
+) -> tuple[H.Raw, dict[str, Any]]:
     """Mean normalised map per class and (method, layer), upsampled to the input size."""
     size = input_size(cams)
-    body: list[object] = [H.para(
-        "Each panel averages the min-max normalised maps that explain class c over the images of "
-        "class c (with targets=pred: the correctly classified ones); n is the number of maps.")]
+    body: list[object] = [
+        H.para(
+            "Each panel averages the min-max normalised maps that explain class c over the images of "
+            "class c (with targets=pred: the correctly classified ones); n is the number of maps."
+        )
+    ]
     classes = shown_classes(scan.confusion, rc.max_classes)
     body += _limit_note(cams.class_names, classes)
     summary: dict[str, Any] = {}
     for i, key in enumerate(keys):
         means = scan.class_means(key)[classes].astype(np.float32)
         shown = upsample(torch.from_numpy(means), size).clamp(0, 1).numpy()
-        fig = F.class_means_figure(shown, scan.class_counts[key][classes],
-                                   [cams.class_names[c] for c in classes], rc.colormap)
-        body += [H.tag("h3", f"{key[0]} at {key[1]}"), H.img(figs.save(fig, f"class_means_{i:02d}"),
-                                                              f"class means {key_name(key)}")]
+        fig = F.class_means_figure(
+            shown, scan.class_counts[key][classes], [cams.class_names[c] for c in classes], rc.colormap
+        )
+        body += [
+            H.tag("h3", f"{key[0]} at {key[1]}"),
+            H.img(figs.save(fig, f"class_means_{i:02d}"), f"class means {key_name(key)}"),
+        ]
         summary[key_name(key)] = {"counts": scan.class_counts[key].tolist()}
     return H.section("means", "Per-class mean CAMs", body), summary
 
@@ -233,15 +281,22 @@ def features_section(cams: CamFile, rc: ReportConfig, figs: FigureWriter) -> H.R
         shown = f"{d.shape[1]} channels"
         if d.shape[1] > acts.shape[0]:
             shown = f"{acts.shape[0]} of {shown}"
-        fig = F.feature_grid(acts, f"{layer}: {shown}, {d.shape[2]}x{d.shape[3]} (image {index})",
-                             rc.images_per_row)
-        body += [H.tag("h3", f"{layer} ({shown}, item {index})"),
-                 H.img(figs.save(fig, f"features_{i:02d}"), f"feature maps of {layer}")]
+        fig = F.feature_grid(
+            acts, f"{layer}: {shown}, {d.shape[2]}x{d.shape[3]} (image {index})", rc.images_per_row
+        )
+        body += [
+            H.tag("h3", f"{layer} ({shown}, item {index})"),
+            H.img(figs.save(fig, f"features_{i:02d}"), f"feature maps of {layer}"),
+        ]
     if filters is not None:
         shown_f = filters[: rc.max_channels]
-        body += [H.tag("h3", f"First convolution: {len(shown_f)} of {len(filters)} filters"),
-                 H.img(figs.save(F.filter_grid(shown_f, rc.images_per_row), "first_conv_filters"),
-                       "first layer filters")]
+        body += [
+            H.tag("h3", f"First convolution: {len(shown_f)} of {len(filters)} filters"),
+            H.img(
+                figs.save(F.filter_grid(shown_f, rc.images_per_row), "first_conv_filters"),
+                "first layer filters",
+            ),
+        ]
     return H.section("features", "Feature maps and filters", body)
 
 
@@ -255,19 +310,35 @@ def faithfulness_section(scan: Scan, figs: FigureWriter) -> tuple[H.Raw | None, 
         for n in st.hist:
             mean = st.mean(n)
             entry[n] = None if mean is None else round(mean, 6)
-        entry.update(pointing_rate=st.pointing_rate, pointing_n=st.pointing_total,
-                     hist={n: h.tolist() for n, h in st.hist.items()})
+        entry.update(
+            pointing_rate=st.pointing_rate,
+            pointing_n=st.pointing_total,
+            hist={n: h.tolist() for n, h in st.hist.items()},
+        )
         summary[key_name(key)] = entry
         rate = st.pointing_rate
         pointing = None if rate is None else f"{rate:.1%} of {st.pointing_total:,}"
-        rows.append((key[0], key[1], st.count.get("deletion_auc"), st.mean("deletion_auc"),
-                     st.mean("insertion_auc"), st.mean("energy_in_box"), pointing))
+        rows.append(
+            (
+                key[0],
+                key[1],
+                st.count.get("deletion_auc"),
+                st.mean("deletion_auc"),
+                st.mean("insertion_auc"),
+                st.mean("energy_in_box"),
+                pointing,
+            )
+        )
     body = [
-        H.para("Deletion AUC: lower is more faithful (removing the highlighted pixels first kills the "
-               "score). Insertion AUC: higher is better. Pointing game: the map's peak lies in the "
-               "object's box."),
-        H.table(["method", "layer", "images", "deletion AUC", "insertion AUC", "energy in box",
-                 "pointing game"], rows),
+        H.para(
+            "Deletion AUC: lower is more faithful (removing the highlighted pixels first kills the "
+            "score). Insertion AUC: higher is better. Pointing game: the map's peak lies in the "
+            "object's box."
+        ),
+        H.table(
+            ["method", "layer", "images", "deletion AUC", "insertion AUC", "energy in box", "pointing game"],
+            rows,
+        ),
         H.img(figs.save(F.faithfulness_figure(scan.metrics), "faithfulness"), "faithfulness histograms"),
     ]
     return H.section("faithfulness", "Faithfulness", body), summary

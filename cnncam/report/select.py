@@ -138,8 +138,11 @@ def scan(
     names = [LABEL, PRED, LOGITS, TARGETS, *(cam_path(*k) for k in keys)]
     names += [metric_path(m, lyr, n) for (m, lyr), ns in mets.items() for n in ns]
     conf = np.zeros((n_cls, n_cls), dtype=np.int64)
-    tops = {"confident_correct": TopK(gallery_size), "confident_wrong": TopK(gallery_size),
-            "least_confident": TopK(gallery_size, largest=False)}
+    tops = {
+        "confident_correct": TopK(gallery_size),
+        "confident_wrong": TopK(gallery_size),
+        "least_confident": TopK(gallery_size, largest=False),
+    }
     typical = [TopK(per_class) for _ in range(n_cls)]
     sums: dict[tuple[str, str], np.ndarray] = {}
     counts = {k: np.zeros(n_cls, dtype=np.int64) for k in keys}

@@ -40,10 +40,14 @@ def class_metrics(matrix: np.ndarray) -> dict[str, Any]:
     return {
         "classes": per,
         "accuracy": float(tp.sum() / total) if total else None,
-        "macro": {k: float(np.mean(v)) if len(v) else 0.0 for k, v in
-                  (("precision", precision), ("recall", recall), ("f1", f1))},
-        "weighted": {k: float((v * weights).sum()) for k, v in
-                     (("precision", precision), ("recall", recall), ("f1", f1))},
+        "macro": {
+            k: float(np.mean(v)) if len(v) else 0.0
+            for k, v in (("precision", precision), ("recall", recall), ("f1", f1))
+        },
+        "weighted": {
+            k: float((v * weights).sum())
+            for k, v in (("precision", precision), ("recall", recall), ("f1", f1))
+        },
         "count": int(total),
     }
 
@@ -92,8 +96,9 @@ def read_optional_json(path: Path) -> Any:
         return None
 
 
-def run_facts(cfg: RunConfig, paths: RunPaths, best_epoch: int | None, epochs_run: int,
-              test_accuracy: float | None) -> list[tuple[str, object]]:
+def run_facts(
+    cfg: RunConfig, paths: RunPaths, best_epoch: int | None, epochs_run: int, test_accuracy: float | None
+) -> list[tuple[str, object]]:
     """(name, value) rows describing the run: data, model, training, outcome."""
     d, m, t = cfg.data, cfg.model, cfg.train
     skipped = read_optional_json(paths.skipped)
@@ -102,14 +107,23 @@ def run_facts(cfg: RunConfig, paths: RunPaths, best_epoch: int | None, epochs_ru
         ("run directory", str(paths.root)),
         ("dataset", f"{d.root} (layout {d.layout}, {d.image_size}px input, normalize {d.normalize})"),
         ("skipped images", len(skipped) if isinstance(skipped, list) else None),
-        ("model", m.name + (f", pretrained from {m.pretrained}" if m.pretrained else "")
-         + (f", channels {list(m.channels)}" if m.name == "simple_cnn" else "")),
+        (
+            "model",
+            m.name
+            + (f", pretrained from {m.pretrained}" if m.pretrained else "")
+            + (f", channels {list(m.channels)}" if m.name == "simple_cnn" else ""),
+        ),
         ("precision", t.precision),
-        ("optimizer", f"{t.optimizer}, lr {t.lr:g}, weight decay {t.weight_decay:g}, "
-                      f"scheduler {t.scheduler}"),
+        (
+            "optimizer",
+            f"{t.optimizer}, lr {t.lr:g}, weight decay {t.weight_decay:g}, scheduler {t.scheduler}",
+        ),
         ("augmentation", d.augment),
-        ("epochs", f"{epochs_run} run of {t.epochs} configured"
-         + (f" (early stopping, patience {t.patience})" if t.patience else "")),
+        (
+            "epochs",
+            f"{epochs_run} run of {t.epochs} configured"
+            + (f" (early stopping, patience {t.patience})" if t.patience else ""),
+        ),
         ("best epoch", best_epoch),
         ("monitor", t.monitor),
         ("test accuracy", None if test_accuracy is None else f"{test_accuracy:.2%}"),
@@ -122,8 +136,12 @@ def provenance_facts(paths: RunPaths, cam_attrs: dict[str, Any] | None) -> list[
     git = prov.get("git") or {}
     rows: list[tuple[str, object]] = []
     if git:
-        rows.append(("git commit (training)", f"{git.get('commit') or 'unknown'}"
-                     + (" (uncommitted changes)" if git.get("dirty") else "")))
+        rows.append(
+            (
+                "git commit (training)",
+                f"{git.get('commit') or 'unknown'}" + (" (uncommitted changes)" if git.get("dirty") else ""),
+            )
+        )
     versions = prov.get("versions") or {}
     if versions:
         rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)))
@@ -150,7 +168,14 @@ def job_rows(paths: RunPaths) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
     for j in jobs:
         if isinstance(j, dict):
-            rows.append((j.get("kind"), j.get("executor"), j.get("job_id"), len(j.get("tasks") or []),
-                         j.get("state") or ("cancelled" if j.get("cancelled") else "submitted"),
-                         j.get("submitted")))
+            rows.append(
+                (
+                    j.get("kind"),
+                    j.get("executor"),
+                    j.get("job_id"),
+                    len(j.get("tasks") or []),
+                    j.get("state") or ("cancelled" if j.get("cancelled") else "submitted"),
+                    j.get("submitted"),
+                )
+            )
     return rows
