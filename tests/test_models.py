@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
-from cnncam.config import ModelConfig, ModelName
-from cnncam.errors import ModelError
+from cnncam.config import REGISTERED_MODELS, ModelConfig
+from cnncam.errors import ConfigError, ModelError
 from cnncam.models import (
     MODELS,
     SimpleCNN,
@@ -44,7 +43,7 @@ def built() -> Iterator[dict[str, nn.Module]]:
         mp.setattr(torch.hub, "download_url_to_file", _no_download)
         mp.setattr(torchvision.models.WeightsEnum, "get_state_dict", _no_download)
         torch.manual_seed(0)
-        yield {name: create_model(ModelConfig(name=name), 3).eval() for name in typing.get_args(ModelName)}
+        yield {name: create_model(ModelConfig(name=name), 3).eval() for name in REGISTERED_MODELS}
 
 
 @pytest.fixture
@@ -74,7 +73,7 @@ def _forward_with_hooks(
 
 
 def test_registry_matches_config_names() -> None:
-    assert tuple(MODELS) == typing.get_args(ModelName)
+    assert tuple(MODELS) == REGISTERED_MODELS
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -122,12 +121,15 @@ def test_simple_cnn_parameter_count() -> None:
     assert isinstance(model, SimpleCNN)
 
 
-def test_unknown_model_lists_registry() -> None:
-    with pytest.raises(ModelError) as err:
-        create_model(ModelConfig(name="resnet81"), 3)  # type: ignore[arg-type]
+@pytest.mark.parametrize("name", ["resnet81", "timm:", "torchvision:convnext tiny", "python:mod", "hub:x"])
+def test_unknown_model_lists_registry_and_forms(name: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(name=name)
     msg = str(err.value)
-    assert "'resnet81'" in msg and "did you mean 'resnet18'" in msg
-    assert all(name in msg for name in MODELS)
+    assert f"{name!r}" in msg and all(n in msg for n in MODELS)
+    assert "torchvision:<builder>, timm:<name>, python:<module>:<callable>" in msg
+    if name == "resnet81":
+        assert "did you mean 'resnet18'" in msg
 
 
 def test_unknown_layer_suggests_closest() -> None:
@@ -232,7 +234,7 @@ def _bn_modes(model: nn.Module) -> set[bool]:
 
 
 @pytest.mark.parametrize("name", ["simple_cnn", "mobilenet_v2"])
-def test_freeze_backbone_trains_only_the_head(tmp_path: Path, name: ModelName) -> None:
+def test_freeze_backbone_trains_only_the_head(tmp_path: Path, name: str) -> None:
     torch.save(create_model(ModelConfig(name=name), 3).state_dict(), tmp_path / "w.pt")
     cfg = ModelConfig(name=name, pretrained=str(tmp_path / "w.pt"), freeze_backbone=True)
     model = create_model(cfg, 3)
