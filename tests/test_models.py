@@ -93,6 +93,22 @@ def test_model_logits_cam_layer_and_head(built: dict[str, nn.Module], name: str)
     assert grad.shape == act.shape and grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_registry_declares_its_cam_layer_and_the_finder_agrees(
+    built: dict[str, nn.Module], name: str
+) -> None:
+    from cnncam.cam.finder import RULES, find_auto_layer
+    from cnncam.cam.layers import probe_model
+
+    model = built[name]
+    assert model.cnncam_cam_layer == MODELS[name].cam_layer  # what `auto` reads
+    probe = probe_model(model, torch.zeros(1, 3, SIZE, SIZE))
+    assert find_auto_layer(probe) == MODELS[name].cam_layer
+    # without the declaration the structural rules find the same layer (VGG: before the last max-pool)
+    found = next(f for f in (rule(probe) for rule in RULES) if f is not None)
+    assert found == MODELS[name].cam_layer
+
+
 @pytest.mark.parametrize("size", [32, 64, 150])
 @pytest.mark.parametrize("hidden", [0, 16])
 def test_simple_cnn_any_input_size(size: int, hidden: int) -> None:
