@@ -183,12 +183,20 @@ def _index(
         for rel, label, split in good:
             splits[split or default_split or "train"].append((rel, label))
         splits = {s: sorted(v, key=lambda x: (x[1], x[0])) for s, v in splits.items()}
+        splits = _by_shard(cfg, splits)
         if default_split is None:
             per_class = {c: [r for r, lab in splits["train"] if lab == i] for i, c in enumerate(classes)}
             _require_training_images(root, per_class, bad, "")
         return DatasetIndex(root=root, classes=classes, splits=splits, skipped=skipped)
     per_class = {c: sorted(rel for rel, lab, _ in good if lab == i) for i, c in enumerate(classes)}
     _require_training_images(root, per_class, bad, "")
-    return DatasetIndex(
-        root=root, classes=classes, splits=_split_single(per_class, classes, cfg.split, seed), skipped=skipped
-    )
+    splits = _by_shard(cfg, _split_single(per_class, classes, cfg.split, seed))
+    return DatasetIndex(root=root, classes=classes, splits=splits, skipped=skipped)
+
+
+def _by_shard(cfg: DataConfig, splits: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+    """WebDataset val/test splits in path order (grouped by tar file), so the CAM export can give
+    whole tar files to array tasks; train keeps the (label, path) order every layout uses."""
+    if cfg.format != "webdataset":
+        return splits
+    return {s: v if s == "train" else sorted(v) for s, v in splits.items()}

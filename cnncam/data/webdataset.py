@@ -133,6 +133,29 @@ def list_shard(root: Path, tar: Path, image_exts: set[str]) -> tuple[dict[str, s
     return labels, bad
 
 
+def tar_aligned_range(paths: list[str], shard: int, num_shards: int) -> tuple[int, int] | None:
+    """Items ``[start, stop)`` of export task ``shard`` when whole tar shards go to array tasks.
+
+    ``paths`` are the split's sample paths; when they are WebDataset samples grouped by tar file
+    (val/test splits are ordered by path), the even cut points ``k * n / num_shards`` move to the
+    nearest tar boundary, so each task reads whole tar files.  None when the paths are not such
+    samples (the even split applies).
+    """
+    tars = [p.split(".tar/", 1)[0] if ".tar/" in p else None for p in paths]
+    if not tars or None in tars:
+        return None
+    starts = [i for i in range(len(tars)) if i == 0 or tars[i] != tars[i - 1]]
+    if len(starts) != len(set(tars)):  # a tar appears in two places: not grouped
+        return None
+    bounds = [*starts, len(tars)]
+
+    def cut(k: int) -> int:
+        even = k * len(tars) // num_shards
+        return min(bounds, key=lambda b: (abs(b - even), b))
+
+    return cut(shard), cut(shard + 1)
+
+
 def find_shards(folder: Path) -> list[Path]:
     """The ``*.tar`` files of ``folder`` (not recursive), sorted by name."""
     return sorted(p for p in folder.iterdir() if p.suffix == TAR_SUFFIX and p.is_file())
