@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from cnncam.models import (
     count_parameters,
     create_model,
     get_module,
+    head_name,
     set_train_mode,
     trainable_parameters,
 )
@@ -288,3 +290,74 @@ def test_set_train_mode_unfrozen_and_wrapped() -> None:
     assert wrapped.training and get_module(model, "fc").training and _bn_modes(model) == {False}
     set_train_mode(wrapped, frozen, mode=False)
     assert not model.training and not get_module(model, "fc").training
+
+
+# ----------------------------------------------------------------------------------------------
+# External models: torchvision:, timm:, python: (issue 10)
+
+
+def test_timm_pretrained_goes_through_timms_loader(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=1000)
+    path = tmp_path / "vit.safetensors"
+    save_file(source.state_dict(), str(path))
+    cfg = ModelConfig(name="timm:vit_tiny_patch16_224", pretrained=str(path), kwargs={"img_size": 32})
+    with pytest.warns(
+        UserWarning, match=r"classifier 'head' has 1000 outputs, the run 3 classes; it is replaced"
+    ):
+        model = create_model(cfg, 3)
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, source.blocks[3].mlp.fc1.weight)
+    assert model.pos_embed.shape == (1, 1 + 2 * 2, 192)  # resampled by timm's filter for img_size=32
+    assert model.head.weight.shape == (3, 192)
+    assert head_name(model, cfg) == "head" and model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_external_builders_refuse_downloads_and_unknown_names(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="model.kwargs may not set weights"):
+        create_model(ModelConfig(name="torchvision:resnet18", kwargs={"weights": "DEFAULT"}), 3)
+    with pytest.raises(ModelError, match="did you mean 'convnext_tiny'"):
+        create_model(ModelConfig(name="torchvision:convnext_tinny"), 3)
+    with pytest.raises(ModelError, match="timm model: unknown value 'resnet1000'"):
+        create_model(ModelConfig(name="timm:resnet1000"), 3)
+    with pytest.raises(ModelError, match="cannot import 'no_such_module'.*working directory"):
+        create_model(ModelConfig(name="python:no_such_module:build"), 3)
+
+
+def test_python_factory_declares_head_and_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n"
+        "def build(num_classes, width=4):\n"
+        "    net = nn.Sequential(nn.Conv2d(3, width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                        nn.Linear(width, num_classes))\n"
+        "    net.cnncam_cam_layer = '1'\n"
+        "    return net\n"
+        "not_callable = 3\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    cfg = ModelConfig(name="python:my_models:build", kwargs={"width": 6}, freeze_backbone=True)
+    with pytest.warns(UserWarning, match="without model.pretrained"):
+        model = create_model(cfg, 2)
+    assert head_name(model, cfg) == "4"  # the last nn.Linear with one output per class
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["4.weight", "4.bias"]
+    assert model.cnncam_cam_layer == "1"
+    with pytest.raises(ModelError, match="not callable"):
+        create_model(ModelConfig(name="python:my_models:not_callable"), 2)
+    with pytest.raises(ModelError, match=r"build\(num_classes=\.\.\., depth=\.\.\.\) failed"):
+        create_model(ModelConfig(name="python:my_models:build", kwargs={"depth": 3}), 2)
+    sys.modules.pop("my_models", None)
+
+
+def test_safetensors_pretrained_and_corrupt_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source = create_model(TINY, 3)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    model = create_model(dataclasses.replace(TINY, pretrained=str(tmp_path / "w.safetensors")), 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ModelError, match="cannot read .*bad.safetensors' as safetensors"):
+        create_model(dataclasses.replace(TINY, pretrained=str(tmp_path / "bad.safetensors")), 3)
