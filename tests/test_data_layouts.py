@@ -206,3 +206,37 @@ def test_not_a_tar_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "shards" / "a.tar").write_bytes(b"garbage" * 100)
     with pytest.raises(DataError, match="not a readable uncompressed tar"):
         discover(_layout_cfg(tmp_path, tmp_path / "shards", "t", "data.format=webdataset").data, 0)
+
+
+@pytest.mark.parametrize("kind", ["csv", "webdataset"])
+def test_export_only_detects_the_layout_and_gives_tasks_whole_tars(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    from cnncam.cli import main
+    from cnncam.config import ModelConfig, load_config
+    from cnncam.models import create_model
+    from cnncam.runs import RunPaths
+
+    folder = tiny_dataset(tmp_path / "shapes", per_class=10)
+    write_manifest(folder, tmp_path / "labels.csv")
+    write_shards(folder, tmp_path / "shards", per_shard=5)  # 6 tars of 5 images
+    torch.save(create_model(ModelConfig(channels=(4, 8)), 3).state_dict(), tmp_path / "w.pt")
+    (tmp_path / "classes.txt").write_text("circle\nsquare\ntriangle\n")
+    monkeypatch.chdir(tmp_path)
+    data = "labels.csv" if kind == "csv" else "shards"
+    argv = ["cam", "--model", "simple_cnn", "--weights", "w.pt", "--data", data, "--classes", "classes.txt"]
+    argv += ["--name", kind, "--shards", "4", "--executor", "inline", "--set", "runs_dir=runs"]
+    argv += ["--set", "model.channels=[4,8]", "--set", "data.image_size=32", "--set", "cam.num_workers=0"]
+    assert main(argv) == 0
+    cfg = load_config(RunPaths(tmp_path / "runs" / kind).config)
+    assert cfg.data.format == kind and cfg.data.root == ("." if kind == "csv" else "shards")
+    with open_cams(tmp_path / "runs" / kind / "cams" / "cams.h5") as cams:
+        assert cams.n_items == 30
+    if kind == "webdataset":
+        tars = []
+        for part in sorted((tmp_path / "runs" / kind / "cams").glob("part-*.h5")):
+            with open_cams(part) as cams:
+                tars.append([p.split(".tar/")[0] for p in _decoded(cams.read("samples/path"))])
+        # 30 items in 4 tasks: cuts 7, 15, 22 move to the tar boundaries 5, 15, 20
+        assert [len(t) for t in tars] == [5, 10, 5, 10]
+        assert all(not set(a) & set(b) for i, a in enumerate(tars) for b in tars[i + 1 :])
