@@ -11,7 +11,7 @@ DEMO_DATA ?= data/shapes
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,timm]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -177,6 +177,19 @@ def _cam_parent() -> argparse.ArgumentParser:
     return p
 
 
+def _export_only_flags(p: argparse.ArgumentParser) -> None:
+    # issue 10: export a model cnncam did not train; each flag is sugar for a --set key but --classes.
+    g = p.add_argument_group("export a model cnncam did not train (creates runs/<name>, see README)")
+    g.add_argument("--model", help="model.name: a registered name, torchvision:<b>, timm:<n>, python:<m>:<f>")
+    g.add_argument("--weights", help="model.weights: its .pt/.pth state dict or .safetensors file")
+    g.add_argument(
+        "--data", help="the images: class folders, a CSV manifest (.csv) or a folder of *.tar shards"
+    )
+    g.add_argument("--classes", help="class names, one per line (index = the model's output)")
+    g.add_argument("--name", help="the run's name (folder under runs_dir)")
+    g.add_argument("--config", help="YAML config for the export-only run (data, cam, slurm settings)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -190,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[launch], help="train (or resume) a classifier")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     p = sub.add_parser("cam", parents=[cam, launch], help="export CAMs of a trained run (array + merge)")
-    p.add_argument("--run", required=True, help=run_help)
+    p.add_argument("--run", help=run_help + " (or --model ... to create an export-only run)")
+    _export_only_flags(p)
     p.add_argument("--shard", type=parse_shard, metavar="I/N", help="export only shard I of N (no merge)")
     p.add_argument("--retry-failed", action="store_true", help="resubmit only shards that are not complete")
     p = sub.add_parser("merge", parents=[launch], help="merge CAM part files into cams.h5")
@@ -232,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> RunConfig:
     overrides = overrides_from(args)
+    if args.command == "cam" and args.model is not None:
+        return _export_only_config(args, overrides)
+    if args.command == "cam" and not args.run:
+        raise CnncamError("cam needs --run runs/<name>, or --model, --weights, --data, --classes, --name")
     if getattr(args, "run", None):
         run = Path(args.run)
         if not (run / "config.yaml").is_file():
@@ -240,6 +258,23 @@ def _config(args: argparse.Namespace) -> RunConfig:
         overrides = [f"runs_dir={run.parent}", f"name={run.name}", *overrides]
         return load_config(run / "config.yaml", overrides)
     return load_config(getattr(args, "config", None), overrides)
+
+
+def _export_only_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
+    """Create (or reuse) the export-only run folder of ``cam --model ...`` and return its config."""
+    from cnncam.export_only import create_export_run, data_overrides, explicit_keys
+
+    if args.run:
+        raise CnncamError("give either --run (an existing run) or --model (a new export-only run), not both")
+    missing = [f"--{k}" for k in ("weights", "data", "name") if getattr(args, k) is None]
+    if missing:
+        raise CnncamError(f"an export-only run needs {', '.join(missing)} (and --classes)")
+    sugar = [f"model.name={args.model}", f"model.weights={args.weights}", f"name={args.name}"]
+    sugar += data_overrides(args.data)
+    # Explicit --set keys win over the flags, as everywhere.
+    full = sugar + overrides
+    cfg = load_config(args.config, full)
+    return create_export_run(cfg, args.classes, explicit_keys(args.config, overrides))
 
 
 def _submit(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -19,14 +19,26 @@ from typing import Any, Literal
 
 import yaml
 
-from cnncam.errors import ConfigError
+from cnncam.errors import ConfigError, choice_message
 from cnncam.typed_config import apply_override, from_dict, to_dict
 from cnncam.typed_config import valid_keys as _valid_keys
 
 Precision = Literal["fp32", "bf16", "fp16"]
-ModelName = Literal[
-    "simple_cnn", "resnet18", "resnet34", "resnet50", "mobilenet_v2", "vgg16", "efficientnet_b0"
-]
+# The registered models (cnncam.models.MODELS); model.name also takes the three external forms.
+REGISTERED_MODELS = (
+    "simple_cnn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v2",
+    "vgg16",
+    "efficientnet_b0",
+)
+MODEL_FORMS = ("torchvision:<builder>", "timm:<name>", "python:<module>:<callable>")
+ModelName = str  # a registered name or one of MODEL_FORMS, checked by check_model_name
+_MODEL_FORM = re.compile(
+    r"^(torchvision:[A-Za-z_]\w*|timm:[A-Za-z0-9_][\w.-]*|python:[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$"
+)
 CamMethod = Literal[
     "gradcam", "gradcam_pp", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam", "cam"
 ]
@@ -83,6 +95,10 @@ class DataConfig:
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
     # Images with more pixels are refused as decompression bombs (PIL's default limit).
     max_image_pixels: int = 89_478_485
+    # How data.root is laid out: class folders, a CSV manifest (data.manifest) or WebDataset tar
+    # shards ({key}.jpg|png + {key}.cls); see cnncam/data/layouts.py.
+    format: Literal["folder", "csv", "webdataset"] = "folder"
+    manifest: str = "manifest.csv"  # format=csv: `path,label[,split]`, relative to data.root or absolute
 
     def __post_init__(self) -> None:
         _positive("data.image_size", self.image_size)
@@ -114,10 +130,23 @@ class DataConfig:
         return self.resize if self.resize is not None else round(self.image_size * 8 / 7)
 
 
+def check_model_name(name: str) -> str:
+    """``name`` if it is a registered model or one of :data:`MODEL_FORMS`; else :class:`ConfigError`."""
+    if name in REGISTERED_MODELS or _MODEL_FORM.match(name):
+        return name
+    raise ConfigError(
+        "model.name: "
+        + choice_message("value", name, REGISTERED_MODELS)
+        + f"; or one of the forms {', '.join(MODEL_FORMS)} (e.g. torchvision:convnext_tiny, "
+        "timm:vit_tiny_patch16_224, python:mymodels:build)"
+    )
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: ModelName = "simple_cnn"
-    # Local path to a torchvision-style state dict; nothing is ever downloaded.
+    # Local weights file (.pt/.pth state dict or .safetensors) to start training from; the head is
+    # replaced when its size differs.  Nothing is ever downloaded.
     pretrained: str | None = None
     freeze_backbone: bool = False
     # simple_cnn only: output channels of each conv-BN-ReLU-pool block.
@@ -126,8 +155,20 @@ class ModelConfig:
     # simple_cnn only: hidden units of an extra Linear-ReLU-Dropout before the classifier (0 = none).
     hidden: int = 0
     dropout: float = 0.3
+    # Keyword arguments of a torchvision:/timm:/python: builder, e.g. {img_size: 32} for a timm ViT.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Final weights of a model trained elsewhere (an export-only run: `cam --model ... --weights`).
+    weights: str | None = None
+    # The input normalisation the model expects (e.g. timm's data config); None = data.normalize.
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
+        check_model_name(self.name)
+        if not all(isinstance(k, str) and k.isidentifier() for k in self.kwargs):
+            raise ConfigError(f"model.kwargs keys must be argument names, got {list(self.kwargs)}")
+        if (self.mean is None) != (self.std is None) or (self.std is not None and min(self.std) <= 0):
+            raise ConfigError(f"model.mean and model.std go together (std > 0), got {self.mean} / {self.std}")
         if not self.channels or any(c <= 0 for c in self.channels):
             raise ConfigError(
                 f"model.channels must be a non-empty list of positive ints, got {self.channels}"

@@ -112,6 +112,10 @@ def _coerce(value: Any, ftype: Any, key: str) -> Any:
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item_type = args[0] if args else Any
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:  # a free-form mapping (model.kwargs): string keys, YAML values
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key} must be a mapping with string keys, got {value!r}")
+        return dict(value)
     if ftype is Any:
         return value
     if ftype is bool:

@@ -36,7 +36,12 @@ def test_batched_equals_one_by_one(make: Any) -> None:
     for key, maps in batch.maps.items():
         assert maps.shape[:2] == (4, 2)
         torch.testing.assert_close(
-            maps, torch.cat([s.maps[key] for s in singles]), rtol=1e-4, atol=1e-6, msg=str(key)
+            # eigencam's float32 SVD differs by ~4e-6 of the map's range between batch sizes
+            maps,
+            torch.cat([s.maps[key] for s in singles]),
+            rtol=1e-4,
+            atol=1e-5,
+            msg=str(key),
         )
     torch.testing.assert_close(batch.logits, torch.cat([s.logits for s in singles]), rtol=1e-5, atol=1e-6)
 

@@ -84,14 +84,15 @@ def test_auto_layer_choices() -> None:
     assert auto_layer(probe_model(resnet, images(1, 64))) == "layer4"
     # at 32 px layer4 is 1x1, so the last layer with a spatial map is layer3
     assert auto_layer(probe_model(resnet, images(1, 32))) == "layer3"
-    # VGG: AdaptiveAvgPool2d((7, 7)) after `features` is not a feature layer
+    # VGG: AdaptiveAvgPool2d((7, 7)) after `features` is not a feature layer, and a flatten + MLP
+    # head takes the layer before the final max-pool (the Grad-CAM paper's VGG16 layer)
     vgg = nn.Sequential()
     vgg.add_module("features", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)))
     vgg.add_module("avgpool", nn.AdaptiveAvgPool2d((7, 7)))
     vgg.add_module("flatten", nn.Flatten())
     vgg.add_module("classifier", nn.Linear(4 * 49, 3))
-    assert auto_layer(probe_model(vgg, images(1, 16))) == "features"
-    assert auto_layer(probe_model(vgg_like(), images(1, 16))) == "features"
+    assert auto_layer(probe_model(vgg, images(1, 16))) == "features.1"
+    assert auto_layer(probe_model(vgg_like(), images(1, 16))) == "features.1"
 
 
 def test_auto_layer_skips_the_classifier_head() -> None:

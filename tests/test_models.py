@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import typing
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,14 +13,15 @@ import torch
 import torchvision
 from torch import nn
 
-from cnncam.config import ModelConfig, ModelName
-from cnncam.errors import ModelError
+from cnncam.config import REGISTERED_MODELS, ModelConfig
+from cnncam.errors import ConfigError, ModelError
 from cnncam.models import (
     MODELS,
     SimpleCNN,
     count_parameters,
     create_model,
     get_module,
+    head_name,
     set_train_mode,
     trainable_parameters,
 )
@@ -44,7 +45,7 @@ def built() -> Iterator[dict[str, nn.Module]]:
         mp.setattr(torch.hub, "download_url_to_file", _no_download)
         mp.setattr(torchvision.models.WeightsEnum, "get_state_dict", _no_download)
         torch.manual_seed(0)
-        yield {name: create_model(ModelConfig(name=name), 3).eval() for name in typing.get_args(ModelName)}
+        yield {name: create_model(ModelConfig(name=name), 3).eval() for name in REGISTERED_MODELS}
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def _forward_with_hooks(
 
 
 def test_registry_matches_config_names() -> None:
-    assert tuple(MODELS) == typing.get_args(ModelName)
+    assert tuple(MODELS) == REGISTERED_MODELS
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -92,6 +93,22 @@ def test_model_logits_cam_layer_and_head(built: dict[str, nn.Module], name: str)
     # Grad-CAM needs the logits to depend on the CAM layer (it is on the path, not a side branch).
     (grad,) = torch.autograd.grad(logits[:, 0].sum(), act)
     assert grad.shape == act.shape and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_registry_declares_its_cam_layer_and_the_finder_agrees(
+    built: dict[str, nn.Module], name: str
+) -> None:
+    from cnncam.cam.finder import RULES, find_auto_layer
+    from cnncam.cam.layers import probe_model
+
+    model = built[name]
+    assert model.cnncam_cam_layer == MODELS[name].cam_layer  # what `auto` reads
+    probe = probe_model(model, torch.zeros(1, 3, SIZE, SIZE))
+    assert find_auto_layer(probe) == MODELS[name].cam_layer
+    # without the declaration the structural rules find the same layer (VGG: before the last max-pool)
+    found = next(f for f in (rule(probe) for rule in RULES) if f is not None)
+    assert found == MODELS[name].cam_layer
 
 
 @pytest.mark.parametrize("size", [32, 64, 150])
@@ -122,12 +139,15 @@ def test_simple_cnn_parameter_count() -> None:
     assert isinstance(model, SimpleCNN)
 
 
-def test_unknown_model_lists_registry() -> None:
-    with pytest.raises(ModelError) as err:
-        create_model(ModelConfig(name="resnet81"), 3)  # type: ignore[arg-type]
+@pytest.mark.parametrize("name", ["resnet81", "timm:", "torchvision:convnext tiny", "python:mod", "hub:x"])
+def test_unknown_model_lists_registry_and_forms(name: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(name=name)
     msg = str(err.value)
-    assert "'resnet81'" in msg and "did you mean 'resnet18'" in msg
-    assert all(name in msg for name in MODELS)
+    assert f"{name!r}" in msg and all(n in msg for n in MODELS)
+    assert "torchvision:<builder>, timm:<name>, python:<module>:<callable>" in msg
+    if name == "resnet81":
+        assert "did you mean 'resnet18'" in msg
 
 
 def test_unknown_layer_suggests_closest() -> None:
@@ -232,7 +252,7 @@ def _bn_modes(model: nn.Module) -> set[bool]:
 
 
 @pytest.mark.parametrize("name", ["simple_cnn", "mobilenet_v2"])
-def test_freeze_backbone_trains_only_the_head(tmp_path: Path, name: ModelName) -> None:
+def test_freeze_backbone_trains_only_the_head(tmp_path: Path, name: str) -> None:
     torch.save(create_model(ModelConfig(name=name), 3).state_dict(), tmp_path / "w.pt")
     cfg = ModelConfig(name=name, pretrained=str(tmp_path / "w.pt"), freeze_backbone=True)
     model = create_model(cfg, 3)
@@ -270,3 +290,74 @@ def test_set_train_mode_unfrozen_and_wrapped() -> None:
     assert wrapped.training and get_module(model, "fc").training and _bn_modes(model) == {False}
     set_train_mode(wrapped, frozen, mode=False)
     assert not model.training and not get_module(model, "fc").training
+
+
+# ----------------------------------------------------------------------------------------------
+# External models: torchvision:, timm:, python: (issue 10)
+
+
+def test_timm_pretrained_goes_through_timms_loader(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=1000)
+    path = tmp_path / "vit.safetensors"
+    save_file(source.state_dict(), str(path))
+    cfg = ModelConfig(name="timm:vit_tiny_patch16_224", pretrained=str(path), kwargs={"img_size": 32})
+    with pytest.warns(
+        UserWarning, match=r"classifier 'head' has 1000 outputs, the run 3 classes; it is replaced"
+    ):
+        model = create_model(cfg, 3)
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, source.blocks[3].mlp.fc1.weight)
+    assert model.pos_embed.shape == (1, 1 + 2 * 2, 192)  # resampled by timm's filter for img_size=32
+    assert model.head.weight.shape == (3, 192)
+    assert head_name(model, cfg) == "head" and model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_external_builders_refuse_downloads_and_unknown_names(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="model.kwargs may not set weights"):
+        create_model(ModelConfig(name="torchvision:resnet18", kwargs={"weights": "DEFAULT"}), 3)
+    with pytest.raises(ModelError, match="did you mean 'convnext_tiny'"):
+        create_model(ModelConfig(name="torchvision:convnext_tinny"), 3)
+    with pytest.raises(ModelError, match="timm model: unknown value 'resnet1000'"):
+        create_model(ModelConfig(name="timm:resnet1000"), 3)
+    with pytest.raises(ModelError, match="cannot import 'no_such_module'.*working directory"):
+        create_model(ModelConfig(name="python:no_such_module:build"), 3)
+
+
+def test_python_factory_declares_head_and_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n"
+        "def build(num_classes, width=4):\n"
+        "    net = nn.Sequential(nn.Conv2d(3, width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                        nn.Linear(width, num_classes))\n"
+        "    net.cnncam_cam_layer = '1'\n"
+        "    return net\n"
+        "not_callable = 3\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    cfg = ModelConfig(name="python:my_models:build", kwargs={"width": 6}, freeze_backbone=True)
+    with pytest.warns(UserWarning, match="without model.pretrained"):
+        model = create_model(cfg, 2)
+    assert head_name(model, cfg) == "4"  # the last nn.Linear with one output per class
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["4.weight", "4.bias"]
+    assert model.cnncam_cam_layer == "1"
+    with pytest.raises(ModelError, match="not callable"):
+        create_model(ModelConfig(name="python:my_models:not_callable"), 2)
+    with pytest.raises(ModelError, match=r"build\(num_classes=\.\.\., depth=\.\.\.\) failed"):
+        create_model(ModelConfig(name="python:my_models:build", kwargs={"depth": 3}), 2)
+    sys.modules.pop("my_models", None)
+
+
+def test_safetensors_pretrained_and_corrupt_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source = create_model(TINY, 3)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    model = create_model(dataclasses.replace(TINY, pretrained=str(tmp_path / "w.safetensors")), 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ModelError, match="cannot read .*bad.safetensors' as safetensors"):
+        create_model(dataclasses.replace(TINY, pretrained=str(tmp_path / "bad.safetensors")), 3)

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnncam.cam.layers import autocast, check_layer, frozen_eval, model_device, probe_model
+from cnncam.cam.layers import autocast, check_layer, frozen_eval, layer_reshape, model_device, probe_model
+from cnncam.cam.layerspec import LayerSpec
 from cnncam.errors import CamError
 
 
@@ -61,10 +62,11 @@ def record_activations(
     channels: int | None = None,
     precision: str = "fp32",
 ) -> dict[str, Tensor]:
-    """Outputs of the named layers for ``images`` (N, 3, H, W): ``layer -> (N, C', h, w)`` float32.
+    """Outputs of the layer specs for ``images`` (N, 3, H, W): ``layer -> (N, C', h, w)`` float32.
 
-    ``channels`` keeps the first C' channels (None = all).  Eval mode and no grad during the
-    forward; hooks removed and the model's state restored afterwards.  Unknown names raise
+    ``channels`` keeps the first C' channels (None = all); token / channels-last layers
+    (``module:tokens``, ``module:nhwc``) are reshaped to maps first.  Eval mode and no grad during
+    the forward; hooks removed and the model's state restored afterwards.  Unknown names raise
     :class:`CamError` listing the layers with 4-D outputs.
     """
     if channels is not None and channels <= 0:
@@ -76,22 +78,32 @@ def record_activations(
     modules = dict(model.named_modules())
     out: dict[str, Tensor] = {}
     with frozen_eval(model):
-        unknown = [name for name in layers if name not in modules or not name]
-        if unknown:
-            check_layer(probe_model(model, images[:1]), unknown[0])  # raises with candidates
+        specs = [LayerSpec.parse(name) for name in layers]
+        probe = None
+        if any(s.module not in modules or not s.module or s.reshape for s in specs):
+            probe = probe_model(model, images[:1])
+            for name in layers:
+                check_layer(probe, name)  # raises with candidates
 
         def make_hook(name: str) -> Any:
+            step = layer_reshape(probe, name) if probe is not None else None
+            dims = LayerSpec.parse(name).out_dims
+
             def hook(_m: nn.Module, _args: Any, output: Any) -> None:
-                if not isinstance(output, Tensor) or output.dim() != 4:
+                if not isinstance(output, Tensor) or output.dim() != dims:
                     raise CamError(
-                        f"layer {name!r} must output (N, C, h, w), got {getattr(output, 'shape', output)!r}"
+                        f"layer {name!r} must output a {dims}-D tensor, got {getattr(output, 'shape', None)}"
                     )
+                value = step.to_map(output.detach()) if step is not None else output.detach()
                 # Copy: a later in-place op (ReLU(inplace=True)) must not change what we keep.
-                out[name] = output.detach()[:, :channels].to(torch.float32, copy=True)
+                out[name] = value[:, :channels].to(torch.float32, copy=True)
 
             return hook
 
-        handles = [modules[name].register_forward_hook(make_hook(name)) for name in dict.fromkeys(layers)]
+        handles = [
+            modules[LayerSpec.parse(name).module].register_forward_hook(make_hook(name))
+            for name in dict.fromkeys(layers)
+        ]
         try:
             with torch.no_grad(), autocast(device, precision):
                 model(images)

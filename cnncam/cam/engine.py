@@ -41,10 +41,12 @@ from cnncam.cam.layers import (
     find_head_linear,
     frozen_eval,
     head_reproduces_logits,
+    layer_reshape,
     model_device,
     probe_model,
     resolve_layers,
 )
+from cnncam.cam.layerspec import LayerSpec, Reshape
 from cnncam.cam.methods import METHODS, CamInputs, get_method, run_method
 from cnncam.cam.targets import TargetSpec, resolve_targets
 from cnncam.config import CamConfig
@@ -125,6 +127,8 @@ class CamEngine(GradientPass):
             raise CamError("at least one CAM method is needed")
         self.model = model
         self.methods = tuple(dict.fromkeys(get_method(m).name for m in methods))
+        # What the methods declare they need (never tested by name): the head's weights, extra forwards.
+        self.head_methods = tuple(m for m in self.methods if METHODS[m].needs_head)
         self.requested_layers = tuple(layers) or ("auto",)
         self.precision = precision
         self.dtype = check_precision(precision)
@@ -204,8 +208,18 @@ class CamEngine(GradientPass):
         self._setup_heads(probe, layers)
         self._record_set = frozenset(records)
         modules = dict(self.model.named_modules())
+        # One hook per module: the target spec hooking it (if any) and the specs recorded from it.
+        per_module: dict[str, tuple[list[str], list[str]]] = {}
         for name in dict.fromkeys(layers + records):
-            self._handles.append(modules[name].register_forward_hook(self._make_hook(name, name in layers)))
+            targets, recorded = per_module.setdefault(LayerSpec.parse(name).module, ([], []))
+            (targets if name in layers else recorded).append(name)
+            if name in layers and name in records:
+                recorded.append(name)
+        for module, (targets, recorded) in per_module.items():
+            target = targets[0] if targets else None
+            steps = {n: layer_reshape(probe, n) for n in [*targets, *recorded]}
+            hook = self._make_hook(module, target, [(n, steps[n]) for n in recorded], steps)
+            self._handles.append(modules[module].register_forward_hook(hook))
         self._layers = layers
         return layers
 
@@ -214,9 +228,9 @@ class CamEngine(GradientPass):
             found = find_head_linear(probe, layer)
             if isinstance(found, str):
                 self._fast[layer], self.fast_reason[layer] = "off", found
-                if "cam" in self.methods:
+                if self.head_methods:
                     raise CamError(
-                        f"method 'cam' needs global average pooling + a linear head after "
+                        f"method {self.head_methods[0]!r} needs global average pooling + a linear head after "
                         f"layer {layer!r} (Zhou et al. 2016): {found}. Use gradcam instead."
                     )
                 continue
@@ -227,27 +241,38 @@ class CamEngine(GradientPass):
 
     # ------------------------------------------------------------------ hooks
 
-    def _make_hook(self, name: str, is_target: bool) -> Any:
+    def _make_hook(
+        self, module: str, target: str | None, records: list[tuple[str, Reshape]], steps: dict[str, Reshape]
+    ) -> Any:
+        dims = LayerSpec.parse(target or records[0][0]).out_dims
+
         def hook(_module: nn.Module, _args: Any, out: Any) -> Tensor | None:
             if not self._active:
                 return None
-            if not isinstance(out, Tensor) or out.dim() != 4:
-                raise CamError(f"layer {name!r} must output (N, C, h, w); got {getattr(out, 'shape', out)!r}")
-            if name in self._seen:
-                raise CamError(f"layer {name!r} ran twice in one forward; pick a module that runs once")
-            self._seen.add(name)
-            if name in self._record_set:
-                self._records[name] = out.detach().to(torch.float32, copy=True)
-            if not is_target:
+            if not isinstance(out, Tensor) or out.dim() != dims:
+                raise CamError(
+                    f"layer {module!r} must output a {dims}-D tensor; got {getattr(out, 'shape', out)!r}"
+                )
+            if module in self._seen:
+                raise CamError(f"layer {module!r} ran twice in one forward; pick a module that runs once")
+            self._seen.add(module)
+            for name, step in records:
+                self._records[name] = step.to_map(out.detach()).to(torch.float32, copy=True)
+            if target is None:
                 return None
-            if self._graph:
+            step = steps[target]
+            # The map (N, C, h, w) is the autograd leaf and the restored layout goes downstream, so
+            # gradients w.r.t. the map are the reshaped gradients w.r.t. the layer output.
+            if self._graph and out.requires_grad:
                 # Downstream of another hooked layer the output is already in the graph: keep it
-                # there so that layer's gradients still flow; otherwise start the graph here.
-                act = out if out.requires_grad else out.detach().requires_grad_(True)
+                # there so that layer's gradients still flow.
+                source, act = out, step.to_map(out)
             else:
-                act = out.detach()
-            self._acts[name] = act
-            return act.clone()  # in-place ops downstream must not touch `act`
+                source = out.detach()
+                act = step.to_map(source)
+                act = act.requires_grad_(True) if self._graph else act
+            self._acts[target] = act
+            return step.restore(act, source)  # a new tensor: in-place ops downstream must not touch `act`
 
         return hook
 
@@ -281,7 +306,7 @@ class CamEngine(GradientPass):
                 for m in self.methods:
                     if not METHODS[m].needs_grads:
                         maps[(m, layer)] = run_method(
-                            m, self._inputs(layer, acts[layer], tgt, images), self.relu
+                            m, self._inputs(m, layer, acts[layer], tgt, images), self.relu
                         )
         ordered = {(m, layer): maps[(m, layer)] for layer in self.layers for m in self.methods}
         fast = {layer: self._fast[layer] == "verified" for layer in self.layers}
@@ -303,13 +328,15 @@ class CamEngine(GradientPass):
         """Check ``linear(A.mean)`` == logits per head; True if the batch must be redone."""
         redo = False
         for layer, head in self._heads.items():
-            if self._fast[layer] == "off" and "cam" not in self.methods:
+            if self._fast[layer] == "off" and not self.head_methods:
                 continue
             if head_reproduces_logits(self._acts[layer], head, logits, self.dtype):
                 continue
             why = f"linear(mean(A)) does not reproduce the logits at layer {layer!r}"
-            if "cam" in self.methods:
-                raise CamError(f"method 'cam' needs A -> global average pooling -> linear head: {why}")
+            if self.head_methods:
+                raise CamError(
+                    f"method {self.head_methods[0]!r} needs A -> global average pooling -> linear head: {why}"
+                )
             if self._fast[layer] != "off":
                 log.warning("GAP fast path off for %r: %s; using autograd", layer, why)
                 redo = redo or (self._fast[layer] == "verified" and not graph)
@@ -318,10 +345,14 @@ class CamEngine(GradientPass):
 
     # ------------------------------------------------------------------ gradients and maps
 
-    def _inputs(self, layer: str, act: Tensor, tgt: Tensor, images: Tensor) -> CamInputs:
+    def _inputs(self, method: str, layer: str, act: Tensor, tgt: Tensor, images: Tensor) -> CamInputs:
+        """What ``method`` declares it needs, and nothing else."""
+        spec = METHODS[method]
         weights = None
-        if layer in self._heads and "cam" in self.methods:
+        if spec.needs_head and layer in self._heads:
             weights = self._heads[layer].weight.detach().float()[tgt]  # (N, K, C)
+        if not spec.needs_forward:
+            return CamInputs(act, tgt, class_weights=weights)
         forward, chunk = self._plain_forward, self.scorecam_batch_size
         return CamInputs(act, tgt, class_weights=weights, images=images, forward=forward, chunk_size=chunk)
 

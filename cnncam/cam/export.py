@@ -50,6 +50,7 @@ from cnncam.cam.viz import normalize, to_uint8, upsample
 from cnncam.config import CamConfig, RunConfig, to_dict
 from cnncam.console import setup_logging, track
 from cnncam.data import Sample
+from cnncam.data.webdataset import tar_aligned_range
 from cnncam.errors import DataError, SchemaError
 from cnncam.runs import RunPaths, cams_dir, git_info, package_versions, slurm_ids
 from cnncam.stop import StopFlag
@@ -101,6 +102,9 @@ def export_shard(cfg: RunConfig, shard: int = 0, num_shards: int = 1, stop: Stop
     device = select_device("auto", DistInfo())
     setup = _prepare(cfg, device)
     spec = PartSpec.for_shard(setup.run, len(setup.samples), shard, num_shards)
+    aligned = tar_aligned_range([rel for rel, _ in setup.samples], shard, num_shards)
+    if aligned is not None:  # issue 10: WebDataset samples: each array task reads whole tar files
+        spec = PartSpec(setup.run, shard, num_shards, *aligned)
     out_dir = cams_dir(cfg)
     writer = PartWriter.open_or_resume(
         out_dir, spec, batch_size=cfg.cam.batch_size, queue_size=cfg.cam.queue_size, durable=cfg.cam.durable

@@ -80,8 +80,11 @@ def load_model(cfg: RunConfig, paths: RunPaths, device: torch.device) -> LoadedM
 
     The architecture comes from the checkpoint's own config, so ``cam.checkpoint=<path>`` of
     another run still builds the right network; ``pretrained`` is dropped (weights come from the
-    checkpoint, the ImageNet file need not exist on the CAM node).
+    checkpoint, the ImageNet file need not exist on the CAM node).  An export-only run
+    (``model.weights``, issue 10) loads those weights instead: see :func:`_load_weights_model`.
     """
+    if cfg.model.weights is not None:
+        return _load_weights_model(cfg, paths, device)
     path = resolve_checkpoint(cfg.cam, paths)
     state, digest = read_checkpoint(path)
     meta = state["meta"]
@@ -114,6 +117,25 @@ def load_model(cfg: RunConfig, paths: RunPaths, device: torch.device) -> LoadedM
         checkpoint_label=label,
         checkpoint_sha256=digest,
     )
+
+
+def _load_weights_model(cfg: RunConfig, paths: RunPaths, device: torch.device) -> LoadedModel:
+    """An export-only run: ``cfg.model`` built for the run's classes with its complete ``model.weights``."""
+    from cnncam.data import normalization
+    from cnncam.models import head_name
+    from cnncam.models.weights import load_final_weights
+
+    classes = tuple(read_classes(paths))
+    model_cfg = dataclasses.replace(cfg.model, pretrained=None)
+    model = create_model(model_cfg, len(classes))
+    path = Path(str(cfg.model.weights))
+    digest = load_final_weights(model, path, head_name(model, model_cfg, len(classes)), len(classes))
+    model.to(device).eval()
+    if cfg.model.mean is not None and cfg.model.std is not None:
+        mean, std = list(cfg.model.mean), list(cfg.model.std)
+    else:
+        mean, std = normalization(cfg.data, [], Path(cfg.data.root), None)
+    return LoadedModel(model, model_cfg.name, classes, tuple(mean), tuple(std), path, str(path), digest)
 
 
 def _model_config(meta: Mapping[str, Any], fallback: ModelConfig) -> ModelConfig:

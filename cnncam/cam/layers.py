@@ -1,13 +1,12 @@
-"""Target layers by module name, the model probe behind ``auto``, and model-state helpers.
+"""Target layers by layer spec, the model probe behind ``auto``, and model-state helpers.
 
 A *probe* is one forward of a single example image with a hook on every named module; it
 records each module's output shape, how often it ran and in which order it finished.  From it:
 
 * candidate layers = modules whose output is 4-D ``(N, C, h, w)`` (listed in error messages);
-* ``auto`` = the last module to finish with a 4-D output larger than 1x1 that runs once, is
-  not an adaptive pooling layer and is not inside the classifier head.  Containers finish after
-  their children, so for torchvision ResNet this is ``layer4`` and for MobileNetV2, EfficientNet,
-  VGG and simple_cnn it is ``features``;
+* a layer spec (:mod:`cnncam.cam.layerspec`: ``module`` or ``module:tokens`` / ``module:nhwc``)
+  is checked against the shapes, and its reshape step resolved (prefix tokens, patch grid);
+* ``auto`` = what the model declares, else a structural finder (:mod:`cnncam.cam.finder`);
 * the linear head: the last ``nn.Linear`` that runs after the layer and takes ``C`` inputs
   (used by the CAM method and the GAP fast path).
 """
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cnncam.cam.layerspec import LayerSpec, Reshape, token_layout
 from cnncam.config import Precision
 from cnncam.errors import CamError, choice_message
 
@@ -51,6 +51,8 @@ class ModelProbe:
 
     layers: tuple[LayerInfo, ...]
     num_classes: int
+    root: nn.Module | None = None  # the probed model (what it declares: cnncam_cam_layer, timm metadata)
+    input_hw: tuple[int, int] = (0, 0)
 
     def get(self, name: str) -> LayerInfo | None:
         return next((info for info in self.layers if info.name == name), None)
@@ -87,27 +89,19 @@ def probe_model(model: nn.Module, example: Tensor) -> ModelProbe:
         raise CamError(f"the model must return logits of shape (N, classes); it returned {shape}")
     infos = [LayerInfo(n, r["module"], r["shape"], r["calls"], r["order"]) for n, r in seen.items()]
     infos.sort(key=lambda i: i.order)
-    return ModelProbe(tuple(infos), int(out.shape[1]))
+    hw = (int(example.shape[-2]), int(example.shape[-1]))
+    return ModelProbe(tuple(infos), int(out.shape[1]), root=model, input_hw=hw)
 
 
 def auto_layer(probe: ModelProbe) -> str:
-    """The default CAM layer (see module doc)."""
-    for info in reversed(probe.layers):
-        if info.shape is None or len(info.shape) != 4 or info.shape[2] * info.shape[3] <= 1:
-            continue
-        if info.calls != 1 or isinstance(info.module, _ADAPTIVE_POOLS):
-            continue
-        if info.name.split(".")[0] in HEAD_NAMES:
-            continue
-        return info.name
-    raise CamError(
-        "no layer qualifies for 'auto': none has a 4-D output larger than 1x1 outside the head "
-        "(is the input too small?). Layers with 4-D outputs: " + (", ".join(probe.candidates) or "none")
-    )
+    """The default CAM layer spec: the model's declared one, else found (:mod:`cnncam.cam.finder`)."""
+    from cnncam.cam.finder import find_auto_layer  # the finder uses check_layer from here
+
+    return find_auto_layer(probe)
 
 
 def resolve_layers(probe: ModelProbe, names: Sequence[str]) -> tuple[str, ...]:
-    """Resolve ``auto`` and check each name; duplicates are dropped, order is kept."""
+    """Resolve ``auto`` and check each layer spec; duplicates are dropped, order is kept."""
     if not names:
         raise CamError("at least one target layer is needed (or 'auto')")
     out: list[str] = []
@@ -115,25 +109,58 @@ def resolve_layers(probe: ModelProbe, names: Sequence[str]) -> tuple[str, ...]:
         resolved = auto_layer(probe) if name == AUTO else check_layer(probe, name)
         if resolved not in out:
             out.append(resolved)
+    modules = [LayerSpec.parse(n).module for n in out]
+    twice = sorted({m for m in modules if modules.count(m) > 1})
+    if twice:
+        raise CamError(f"layers {list(out)} hook module(s) {twice} twice; give each module once")
     return tuple(out)
 
 
 def check_layer(probe: ModelProbe, name: str) -> str:
-    """``name`` if it is a module that runs once with a 4-D output; else :class:`CamError`."""
-    info = probe.get(name)
+    """``name`` if it is a layer spec whose module runs once with the output its reshape expects."""
+    spec = LayerSpec.parse(name)
+    info = probe.get(spec.module)
     if info is None:
-        raise unknown_layer_error(probe, name)
-    if info.shape is None or len(info.shape) != 4:
+        raise unknown_layer_error(probe, spec.module)
+    if info.shape is None or len(info.shape) != spec.out_dims:
+        hint = ""
+        if info.shape is not None and len(info.shape) == 3 and spec.reshape is None:
+            hint = f" It outputs tokens: use {spec.module + ':tokens'!r} to show them as a patch grid."
         raise CamError(
-            f"layer {name!r} outputs {info.shape or 'a non-tensor'}, not (N, C, h, w); "
-            f"layers with 4-D outputs: {', '.join(_ranked(name, probe.candidates))}"
+            f"layer {name!r} outputs {info.shape or 'a non-tensor'}, not "
+            + ("(N, tokens, C)" if spec.reshape == "tokens" else "(N, C, h, w)")
+            + f"; layers with 4-D outputs: {', '.join(_ranked(spec.module, probe.candidates))}.{hint}"
         )
     if info.calls != 1:
         raise CamError(
             f"layer {name!r} runs {info.calls} times per forward (a shared module such as a "
             "reused ReLU), so its output is ambiguous; pick its parent block instead"
         )
-    return name
+    layer_reshape(probe, name)  # a token count that forms no grid is an error here, not mid-export
+    return spec.name
+
+
+def layer_reshape(probe: ModelProbe, name: str) -> Reshape:
+    """The resolved reshape step of layer spec ``name`` (prefix tokens and grid for ``tokens``)."""
+    spec = LayerSpec.parse(name)
+    if spec.reshape != "tokens":
+        return Reshape(spec.reshape)
+    info = probe.get(spec.module)
+    if info is None or info.shape is None:
+        raise unknown_layer_error(probe, spec.module)
+    declared = getattr(probe.root, "num_prefix_tokens", None)  # timm ViT/DeiT: class + register tokens
+    prefix, grid = token_layout(
+        info.shape[1], probe.input_hw, declared if isinstance(declared, int) else None
+    )
+    return Reshape("tokens", prefix, grid)
+
+
+def map_shape(probe: ModelProbe, name: str) -> tuple[int, ...] | None:
+    """(N, C, h, w) of layer spec ``name``'s map in the probe, None when it has no tensor output."""
+    info = probe.get(LayerSpec.parse(name).module)
+    if info is None or info.shape is None:
+        return None
+    return layer_reshape(probe, name).map_shape(info.shape)
 
 
 def unknown_layer_error(probe: ModelProbe, name: str) -> CamError:
@@ -152,6 +179,8 @@ def find_head_linear(probe: ModelProbe, layer: str) -> tuple[str, nn.Linear] | s
     Returns ``(name, module)`` or a string saying why there is none.
     """
     info = probe.get(layer)
+    if LayerSpec.parse(layer).reshape is not None:
+        return f"layer {layer!r} is reshaped from tokens or channels-last, not fed to global average pooling"
     if info is None or info.shape is None:
         return f"layer {layer!r} was not seen by the probe"
     channels = info.shape[1]

@@ -57,6 +57,10 @@ def discover(cfg: DataConfig, seed: int) -> DatasetIndex:
         Root missing, no class folders, an empty class folder, a single class, presplit
         folders with different class sets, or a class left with no training image.
     """
+    if cfg.format != "folder":  # a CSV manifest or WebDataset shards (cnncam/data/layouts.py)
+        from cnncam.data.layouts import discover_layout
+
+        return discover_layout(cfg, seed)
     root = Path(cfg.root)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"

@@ -9,6 +9,7 @@ EXIF rotation.  :func:`load_rgb` converts each kind properly, or says why it can
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -61,14 +62,18 @@ def load_rgb(path: str | Path, max_pixels: int) -> Image.Image:
     """
     path = Path(path)
     _check_truncated_flag()
+    source: Path | io.BytesIO = path
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise BadImageError(path, f"cannot read file ({e.strerror or e})") from None
+        data = _tar_member(path)  # "<shard>.tar/<key>": a sample inside a WebDataset shard
+        if data is None:
+            raise BadImageError(path, f"cannot read file ({e.strerror or e})") from None
+        source, size = io.BytesIO(data), len(data)
     if size == 0:
         raise BadImageError(path, "empty file (0 bytes)")
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             _check_pixels(path, im.size, max_pixels)
             im.load()
             return _to_rgb(path, _upright(im))
@@ -85,6 +90,16 @@ def load_rgb(path: str | Path, max_pixels: int) -> Image.Image:
         # SyntaxError "broken PNG file", struct.error, ValueError, IndexError, EOFError...).
         # Each of them means "this file is unusable"; the reason is kept for skipped.json.
         raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
+
+
+def _tar_member(path: Path) -> bytes | None:
+    """The image bytes of a WebDataset sample path, None when ``path`` is not inside a .tar file."""
+    from cnncam.data.webdataset import read_image_member
+
+    try:
+        return read_image_member(path)
+    except DataError as e:
+        raise BadImageError(path, str(e)) from None
 
 
 def _check_truncated_flag() -> None:

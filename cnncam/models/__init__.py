@@ -2,9 +2,11 @@
 
 Each entry of :data:`MODELS` is a :class:`ModelSpec` keyed by the name used in configs, on the
 command line, in HDF5 attributes and in reports (``model.name``; the keys equal
-``typing.get_args(cnncam.config.ModelName)``).  A spec knows how to build the network, which
-layer Grad-CAM should hook by default (``cam_layer``: the last layer with a spatial output) and
-which layer is the classifier (``head``: the only trainable part when ``model.freeze_backbone``).
+``cnncam.config.REGISTERED_MODELS``).  A spec knows how to build the network, which layer
+``auto`` means (``cam_layer``, declared on the built model as ``cnncam_cam_layer``: the CAM
+engine reads it there) and which layer is the classifier (``head``: the only trainable part
+when ``model.freeze_backbone``).  Any other model comes from :mod:`cnncam.models.external`
+(``torchvision:``, ``timm:``, ``python:``).
 
 Weights are never downloaded: ``model.pretrained`` is a local state-dict file.  A checkpoint
 saved by a run is restored by the trainer/CAM code, not here; build that model with
@@ -14,21 +16,21 @@ saved by a run is restored by the trainer/CAM code, not here; build that model w
 from __future__ import annotations
 
 import logging
-import typing
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from cnncam.config import ModelConfig, ModelName
+from cnncam.config import MODEL_FORMS, REGISTERED_MODELS, ModelConfig
 from cnncam.errors import ModelError, choice_message, closest
 from cnncam.models import zoo
+from cnncam.models.external import CAM_LAYER_ATTR, build_external, external_head
 from cnncam.models.simple import SimpleCNN, build_simple_cnn
+from cnncam.models.weights import first_items as _first
+from cnncam.models.weights import read_state_dict as read_state_dict
 
 __all__ = [
     "MODELS",
@@ -38,6 +40,7 @@ __all__ = [
     "create_model",
     "freeze_backbone",
     "get_module",
+    "head_name",
     "load_pretrained",
     "model_spec",
     "set_train_mode",
@@ -47,11 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Prefixes added by DistributedDataParallel/DataParallel and torch.compile to saved keys
-# (nanoGPT's `unwanted_prefix = '_orig_mod.'` fix, generalised).
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_MAX_LISTED = 5
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,8 @@ class ModelSpec:
     build:
         ``(ModelConfig, num_classes) -> nn.Module`` mapping (B, 3, H, W) images to (B, num_classes) logits.
     cam_layer:
-        Dotted module name of the default CAM target: the last layer whose output is (B, C, h, w).
+        The layer ``auto`` means (a layer spec, see :mod:`cnncam.cam.layerspec`): the last layer
+        whose output is (B, C, h, w).  :func:`create_model` declares it on the model it builds.
     head:
         Dotted module name of the final ``nn.Linear`` classifier (replaced for ``num_classes``,
         skipped when loading a 1000-class ImageNet file, the only trainable part when frozen).
@@ -87,38 +87,54 @@ MODELS: dict[str, ModelSpec] = {
     "efficientnet_b0": ModelSpec(zoo.build_efficientnet_b0, cam_layer="features", head="classifier.1"),
 }
 
-if set(MODELS) != set(typing.get_args(ModelName)):  # a programming error, caught on import
-    raise RuntimeError(f"MODELS {sorted(MODELS)} != config.ModelName {sorted(typing.get_args(ModelName))}")
+if tuple(MODELS) != REGISTERED_MODELS:  # a programming error, caught on import
+    raise RuntimeError(f"MODELS {list(MODELS)} != config.REGISTERED_MODELS {list(REGISTERED_MODELS)}")
 
 
 def model_spec(name: str) -> ModelSpec:
     """The registered :class:`ModelSpec` for ``name``; :class:`ModelError` listing the registry otherwise."""
     if name not in MODELS:
-        raise ModelError(choice_message("model", name, MODELS))
+        raise ModelError(
+            choice_message("model", name, MODELS) + f"; or one of the forms {', '.join(MODEL_FORMS)}"
+        )
     return MODELS[name]
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Build ``cfg.name`` for ``num_classes``, load ``cfg.pretrained``, apply ``cfg.freeze_backbone``.
 
-    Returns a module mapping images (B, 3, H, W) to logits (B, num_classes), in train mode.
-    Call :func:`set_train_mode` instead of (or after) ``model.train()`` in the training loop.
+    ``cfg.name`` is a registered name or ``torchvision:``/``timm:``/``python:`` (see
+    :mod:`cnncam.models.external`).  Returns a module mapping images (B, 3, H, W) to logits
+    (B, num_classes), in train mode.  Call :func:`set_train_mode` instead of (or after)
+    ``model.train()`` in the training loop.
     """
-    spec = model_spec(cfg.name)
     if num_classes < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}")
-    model = spec.build(cfg, num_classes)
-    if cfg.pretrained is not None:
-        load_pretrained(model, cfg.pretrained, head=spec.head)
+    if cfg.name in MODELS:
+        spec = MODELS[cfg.name]
+        model = spec.build(cfg, num_classes)
+        setattr(model, CAM_LAYER_ATTR, spec.cam_layer)  # the registry's metadata, read by `auto`
+    else:
+        model = build_external(cfg, num_classes)  # timm loads model.pretrained itself
+    head = head_name(model, cfg, num_classes)
+    if cfg.pretrained is not None and not cfg.name.startswith("timm:"):
+        load_pretrained(model, cfg.pretrained, head=head)
     if cfg.freeze_backbone:
         if cfg.pretrained is None:
             warnings.warn(
-                f"model.freeze_backbone=true without model.pretrained: only {cfg.name}.{spec.head} "
+                f"model.freeze_backbone=true without model.pretrained: only {cfg.name}.{head} "
                 "will train on top of a randomly initialised backbone",
                 stacklevel=2,
             )
-        freeze_backbone(model, spec.head)
+        freeze_backbone(model, head)
     return model
+
+
+def head_name(model: nn.Module, cfg: ModelConfig, num_classes: int | None = None) -> str:
+    """Dotted name of ``model``'s classifier: the registry's ``head``, else found (see external.py)."""
+    if cfg.name in MODELS:
+        return MODELS[cfg.name].head
+    return external_head(unwrap_model(model), cfg, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,9 +156,12 @@ def load_pretrained(model: nn.Module, path: str | Path, head: str) -> None:
     _check_keys(state, own, head, path, type(model).__name__)
     model.load_state_dict(state, strict=False)
     log.info("loaded %d tensors from %s", len(state), path)
-    if not any(k.startswith(head + ".") for k in state):
-        why = "skipped " + ", ".join(skipped) if skipped else "not in the file"
-        log.info("classifier %s stays randomly initialised (%s)", head, why)
+    if skipped:
+        log.warning(
+            "classifier %s is replaced by a randomly initialised one (skipped %s)", head, _first(skipped)
+        )
+    elif not any(k.startswith(head + ".") for k in state):
+        log.info("classifier %s stays randomly initialised (not in the file)", head)
 
 
 def _drop_resized_head(
@@ -187,44 +206,6 @@ def _check_keys(
         )
 
 
-def read_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
-    """Read ``{name: tensor}`` from a file with ``torch.load(weights_only=True)``, wrappers unwrapped."""
-    if not path.is_file():
-        raise ModelError(f"model.pretrained file {str(path)!r} does not exist (weights are never downloaded)")
-    try:
-        # weights_only: a .pt file is a pickle; never execute code from it (torch >= 2.6 default).
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(
-            f"cannot read {str(path)!r} as a weights-only state dict ({type(e).__name__}: {e}). "
-            "Save weights with torch.save(model.state_dict(), path)."
-        ) from e
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        found = f"keys {_first([str(k) for k in obj])}" if isinstance(obj, Mapping) else type(obj).__name__
-        raise ModelError(
-            f"{str(path)!r} holds no state dict (found {found}); expected "
-            "{name: tensor}, or a dict with a 'model' or 'state_dict' entry"
-        )
-    state: OrderedDict[str, torch.Tensor] = OrderedDict(obj)
-    metadata = getattr(obj, "_metadata", None)  # per-module versions, used by BatchNorm's loader
-    if metadata is not None:
-        state._metadata = metadata  # type: ignore[attr-defined]
-    for _ in range(4):  # nested wrappers, e.g. DDP(compile(model)) saves "module._orig_mod.layer1..."
-        for prefix in WRAPPER_PREFIXES:
-            consume_prefix_in_state_dict_if_present(state, prefix)
-    return state
-
-
-def _first(items: list[str]) -> str:
-    more = f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
-    return ", ".join(items[:_MAX_LISTED]) + more
-
-
 # ----------------------------------------------------------------------------------------------
 # Frozen backbones
 
@@ -255,7 +236,7 @@ def set_train_mode(model: nn.Module, cfg: ModelConfig, mode: bool = True) -> nn.
     model.train(mode)
     if mode and cfg.freeze_backbone:
         inner = unwrap_model(model)
-        head_ids = {id(m) for m in get_module(inner, model_spec(cfg.name).head).modules()}
+        head_ids = {id(m) for m in get_module(inner, head_name(inner, cfg)).modules()}
         for m in inner.modules():
             if isinstance(m, _BATCHNORMS) and id(m) not in head_ids:
                 m.eval()

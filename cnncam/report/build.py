@@ -23,6 +23,7 @@ import numpy as np
 from cnncam.cam.viz import colormap_lut
 from cnncam.config import ReportConfig, RunConfig
 from cnncam.errors import CamError, ConfigError
+from cnncam.export_only import export_only_facts, is_export_only
 from cnncam.report import html as H
 from cnncam.report import sections as S
 from cnncam.report import summary as R
@@ -40,6 +41,13 @@ from cnncam.runs import (
 from cnncam.storage import MERGED_FILENAME, CamFile, open_cams
 
 log = logging.getLogger(__name__)
+# Export-only runs (issue 10): rows of the run facts that describe training, left out with a note.
+TRAINING_FACTS = frozenset({"optimizer", "augmentation", "epochs", "best epoch", "monitor", "test accuracy"})
+EXPORT_ONLY_NOTE = (
+    "Export-only run: the model was trained outside cnncam (its weights file is named in the summary), "
+    "so there are no learning curves, training settings or test predictions from training; "
+    "the classification results come from the CAM export."
+)
 FIGURE_DIR = re.compile(r"^figures-\d{8}T\d{6}-[0-9a-f]{8}$")
 
 
@@ -98,12 +106,17 @@ def _build(
     c = curves(records)
     diag = diagnose(records, cfg.train, cfg.data, cfg.model)
     summary: dict[str, Any] = {"run": cfg.name, "diagnosis": diag.to_dict(), "notes": []}
+    training = not is_export_only(paths)  # issue 10: a model trained elsewhere has no training sections
+    if not training:
+        summary["export_only"] = True
+        summary["notes"].append(EXPORT_ONLY_NOTE)
     sections: list[tuple[str, str, H.Raw]] = []
     if cams_path is None:
         summary["notes"].append("no CAM file: the report shows curves and predictions.csv only")
         names = _class_names(paths, None)
         sections.append(("summary", "Summary", _summary(cfg, paths, c, names, None, None, summary["notes"])))
-        sections.append(("curves", "Curves", S.curves_section(c, diag, figs)))
+        if training:
+            sections.append(("curves", "Curves", S.curves_section(c, diag, figs)))
         conf = _confusion_fallback(paths, names)
         if conf is not None:
             source = "predictions.csv (test split)"
@@ -118,7 +131,8 @@ def _build(
             summary["notes"].append(f"{cams_path} holds no items")
             facts = _summary(cfg, paths, c, names, cams, None, summary["notes"])
             sections.append(("summary", "Summary", facts))
-            sections.append(("curves", "Curves", S.curves_section(c, diag, figs)))
+            if training:
+                sections.append(("curves", "Curves", S.curves_section(c, diag, figs)))
             return sections, summary
         keys = [(m, layer) for m in cams.methods for layer in cams.layers]
         log.info("report: scanning %d items of %s", cams.n_items, cams_path)
@@ -126,7 +140,8 @@ def _build(
         sections.append(
             ("summary", "Summary", _summary(cfg, paths, c, names, cams, result.confusion, summary["notes"]))
         )
-        sections.append(("curves", "Curves", S.curves_section(c, diag, figs)))
+        if training:
+            sections.append(("curves", "Curves", S.curves_section(c, diag, figs)))
         source = f"{cams_path.name} ({cams.attrs.get('split')} split)"
         html, summary["confusion"] = S.classification_section(result.confusion, names, source, figs)
         sections.append(("classification", "Confusion", html))
@@ -197,6 +212,8 @@ def _summary(
 ) -> H.Raw:
     """Run facts, class counts per split, provenance and jobs."""
     facts = R.run_facts(cfg, paths, c.best_epoch, len(c.epochs), c.test_accuracy)
+    if is_export_only(paths):
+        facts = [f for f in facts if f[0] not in TRAINING_FACTS] + export_only_facts(paths)
     if cams is not None:
         facts.append(
             (

@@ -65,6 +65,8 @@ def build_data(cfg: RunConfig, paths: RunPaths, dist: D.DistInfo) -> DataBundle:
     D.barrier()
     if not dist.is_main:
         mean, std = normalization(cfg.data, index.splits["train"], root, paths)
+    if cfg.model.mean is not None and cfg.model.std is not None:  # the model's own (e.g. timm's)
+        mean, std = list(cfg.model.mean), list(cfg.model.std)
     train_tf = train_transform(cfg.data, mean, std)
     eval_tf = eval_transform(cfg.data, mean, std)
     pixels = cfg.data.max_image_pixels
