@@ -152,6 +152,10 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
+        if self.mode == "shared" and self.root.is_dir() and not os.access(self.root, os.W_OK):
+            # Exporting someone else's run into your own cam.out: there is no lock to share.
+            log.warning("run folder %s is read-only: %s runs without the run lock", self.root, self.purpose)
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         key = self.path.resolve()
         held = RunLock._held.get(key)

@@ -184,13 +184,17 @@ def test_b3_a_symlink_to_a_sibling_class_is_not_followed(tmp_path: Path, data: P
     root = tmp_path / "alias"
     for cls in ("circle", "square"):
         shutil.copytree(data / cls, root / cls)
-    (root / "square" / "more").symlink_to("../circle")  # circles would be labelled "square"
+    (root / "circle" / "more").symlink_to("../square")  # squares would be labelled "circle"
+    (root / "square" / "more").symlink_to("../circle")
     (root / "circle" / "twice.png").symlink_to(sorted((root / "circle").glob("*.png"))[0].name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         index = discover(DataConfig(root=str(root), image_size=16, layout="single"), seed=0)
-    listed = [p for split in index.splits.values() for p, _ in split]
-    assert len(listed) == 16 and not any(p.startswith("square/more") or "twice" in p for p in listed)
+    labelled = {p: label for split in index.splits.values() for p, label in split}
+    assert len(labelled) == 16 and not any("more" in p or "twice" in p for p in labelled)
+    assert {label for p, label in labelled.items() if p.startswith("square/")} == {
+        index.classes.index("square")
+    }
 
 
 def test_b3_a_class_folder_symlinked_from_outside_is_still_read(tmp_path: Path, data: Path) -> None:
@@ -365,6 +369,23 @@ def test_b5_logs_of_a_copied_run_read_the_copy(tmp_path: Path) -> None:
     rc, out, err = run("logs", "--run", str(copy))
     assert rc == 0, err
     assert "COPY" in out and "ORIGINAL" not in out
+
+
+def test_job_ids_in_jobs_json_cannot_lead_outside_the_run(tmp_path: Path) -> None:
+    from submitit.core.utils import JobPaths
+
+    run_dir = tmp_path / "runs" / "ids"
+    task = "../../../leak/x"
+    leaked = JobPaths(run_dir.absolute() / "slurm" / task, job_id=task, task_id=0).stdout
+    leaked.parent.mkdir(parents=True, exist_ok=True)
+    leaked.write_text("SECRET\n")
+    record = {"kind": "train", "executor": "slurm", "job_id": "1", "tasks": [task], "name": "x"}
+    record["folder"] = str(run_dir / "slurm" / "%j")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "jobs.json").write_text(json.dumps({"version": 1, "jobs": [record]}))
+    rc, out, err = run("logs", "--run", str(run_dir))
+    one_line_error(rc, err, "is not a cnncam jobs file", "job ids must look like")
+    assert "SECRET" not in out
 
 
 # ----------------------------------------------------------------------------------------------

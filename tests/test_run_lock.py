@@ -185,11 +185,11 @@ def _cfg(tmp_path: Path) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("task_factory", "target", "blocked_by"),
+    ("task_factory", "target", "blocked_by", "runs_beside"),
     [
-        (lambda c: TrainTask(c), "cnncam.train.trainer.run_training", "shared"),
-        (lambda c: CamShardTask(c, 0, 1), "cnncam.cam.export.export_shard", "exclusive"),
-        (lambda c: MergeTask(c, 1), "cnncam.cam.export.merge", "exclusive"),
+        (lambda c: TrainTask(c), "cnncam.train.trainer.run_training", "shared", None),
+        (lambda c: CamShardTask(c, 0, 1), "cnncam.cam.export.export_shard", "exclusive", "shared"),
+        (lambda c: MergeTask(c, 1), "cnncam.cam.export.merge", "exclusive", "shared"),
     ],
 )
 def test_tasks_take_the_lock_before_any_work(
@@ -199,11 +199,20 @@ def test_tasks_take_the_lock_before_any_work(
     task_factory: Any,
     target: str,
     blocked_by: str,
+    runs_beside: str | None,
 ) -> None:
     cfg = _cfg(tmp_path)
     calls: list[object] = []
     module, name = target.rsplit(".", 1)
-    monkeypatch.setattr(__import__(module, fromlist=[name]), name, lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(
+        __import__(module, fromlist=[name]), name, lambda *a, **k: calls.append(a) or Path("x")
+    )
+    if runs_beside is not None:  # e.g. another shard of the same array
+        hold(holders, cfg.run_dir, runs_beside, "other shard")
+        task_factory(cfg)()
+        assert len(calls) == 1
+        holders.pop().kill()
+        calls.clear()
     hold(holders, cfg.run_dir, blocked_by, "other")
     with pytest.raises(RunBusyError):
         task_factory(cfg)()
@@ -215,3 +224,15 @@ def test_the_report_takes_no_lock(tmp_path: Path, holders: list[subprocess.Popen
     hold(holders, cfg.run_dir, "exclusive", "train")
     with ReportTask(cfg).lock():  # reading a run that trains is fine: its files are replaced atomically
         pass
+
+
+def test_a_read_only_run_is_exported_without_a_lock_but_never_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A colleague's run, exported into your own cam.out: nothing to write in it, nothing to lock.
+    monkeypatch.setattr(L.os, "access", lambda path, mode: False)
+    with caplog.at_level(logging.WARNING, logger="cnncam.runlock"), RunLock(tmp_path, "shared", "cam export"):
+        assert not (tmp_path / ".lock").exists()
+    assert "is read-only: cam export runs without the run lock" in caplog.text
+    with RunLock(tmp_path, "exclusive", "train"):  # training needs the lock (and to write) anyway
+        assert (tmp_path / ".lock").exists()

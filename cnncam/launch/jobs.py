@@ -65,11 +65,17 @@ def load_records(paths: RunPaths) -> list[JobRecord]:
         records = [JobRecord(**{k: v for k, v in r.items() if k in names}) for r in raw["jobs"]]
     except (KeyError, TypeError, AttributeError) as e:
         raise CnncamError(f"{paths.jobs} is not a cnncam jobs file: {e}") from None
-    for rec in records:  # the file may be foreign: ids end up in sacct/scancel arguments
-        ids = [rec.kind, rec.executor, rec.job_id, *(rec.tasks if isinstance(rec.tasks, list) else [None])]
-        if not all(isinstance(v, str) for v in ids):
-            raise CnncamError(f"{paths.jobs} is not a cnncam jobs file: a job record has non-text ids")
+    for rec in records:  # the file may be foreign: ids end up in sacct/scancel arguments and paths
+        ids = [rec.job_id, *(rec.tasks if isinstance(rec.tasks, list) else [None])]
+        if not all(isinstance(v, str) for v in [rec.kind, rec.executor]) or not all(map(_valid_id, ids)):
+            raise CnncamError(
+                f"{paths.jobs} is not a cnncam jobs file: job ids must look like 12, 13_4 or inline"
+            )
     return records
+
+
+def _valid_id(job_id: object) -> bool:
+    return isinstance(job_id, str) and re.fullmatch(r"[A-Za-z0-9_]+(_\[[0-9,%-]+\])?", job_id) is not None
 
 
 def save_records(paths: RunPaths, records: Sequence[JobRecord]) -> None:
@@ -328,7 +334,7 @@ def cancel_jobs(paths: RunPaths, run: Runner = _run) -> list[str]:
     for rec in records:
         if rec.executor == "local" and any(t in active for t in rec.tasks):
             for pid in rec.tasks:
-                if _is_local_controller(int(pid)):
+                if pid.isdigit() and _is_local_controller(int(pid)):
                     os.kill(int(pid), signal.SIGINT)  # what submitit's LocalJob.cancel sends
             rec.cancelled = True
             cancelled.append(rec.job_id)

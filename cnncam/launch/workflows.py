@@ -154,8 +154,6 @@ def launch_train(launcher: Launcher, cfg: RunConfig) -> list[JobRecord]:
 def launch_cam(
     launcher: Launcher, cfg: RunConfig, shards: int | None, shard: tuple[int, int] | None, retry: bool
 ) -> list[JobRecord]:
-    if shards is not None:
-        check_shards(shards)
     if shard is not None:  # one shard only, no merge
         k, n = shard
         return [launcher.submit("cam", [CamShardTask(cfg, k, n)], shards=[k], num_shards=n)]
