@@ -327,10 +327,17 @@ def test_b5_report_of_a_copied_run_reads_the_copy(tmp_path: Path, base: Path) ->
 
 def test_b5_report_of_a_moved_run_finds_its_cams(tmp_path: Path, base: Path) -> None:
     moved = copy_run(base, tmp_path / "elsewhere" / "deeper" / "moved")
+    # Where it was trained is gone: its config.yaml names a runs_dir that no longer exists.
+    config = moved / "config.yaml"
+    config.write_text(
+        config.read_text().replace(f"runs_dir: {base.parent}", f"runs_dir: {tmp_path / 'gone'}")
+    )
+    assert f"runs_dir: {tmp_path / 'gone'}" in config.read_text()
     rc, _, err = run("report", "--run", str(moved), "--executor=inline")
     assert rc == 0, err
     summary = _summary(moved)
     assert "cams" in summary and summary["cams"]["n_items"] > 0, summary["notes"]
+    assert Path(summary["cams"]["path"]).resolve() == (moved / "cams" / "cams.h5").resolve()
     assert not any("no CAM file" in n for n in summary["notes"])
 
 
