@@ -9,18 +9,18 @@ fail here, before anything is submitted.  Submission goes through one path
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from cnncam.config import RunConfig, load_config
+from cnncam.config import RunConfig, load_config, load_yaml
 from cnncam.errors import CnncamError, ConfigError
-from cnncam.runs import RunPaths
+from cnncam.runs import RunPaths, load_run, run_folder
 
 if TYPE_CHECKING:
     from cnncam.launch.executors import Launcher
@@ -71,13 +71,9 @@ def profile_overrides(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         choices = sorted(str(x) for x in Path("configs/slurm").glob("*.yaml"))
-        raise ConfigError(
-            f"Slurm profile {path!r} does not exist. Profiles here: {', '.join(choices) or 'none'}"
-        )
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Slurm profile {path!r} is not valid YAML: {e}") from None
+        what = "is a folder, not a YAML file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"Slurm profile {path!r} {what}. Profiles here: {', '.join(choices) or 'none'}")
+    raw = load_yaml(p, "Slurm profile") or {}
     if not isinstance(raw, dict) or set(raw) - {"slurm"} or not isinstance(raw.get("slurm", {}), dict):
         raise ConfigError(f"Slurm profile {path!r} must hold only a 'slurm:' mapping of slurm.* keys")
     return [f"slurm.{k}={override_text(v)}" for k, v in (raw.get("slurm") or {}).items()]
@@ -251,12 +247,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
     if args.command == "cam" and not args.run:
         raise CnncamError("cam needs --run runs/<name>, or --model, --weights, --data, --classes, --name")
     if getattr(args, "run", None):
-        run = Path(args.run)
-        if not (run / "config.yaml").is_file():
-            raise CnncamError(f"{args.run} is not a cnncam run directory (no config.yaml); train first")
         # The folder given wins over name/runs_dir saved in it (the run may have moved).
-        overrides = [f"runs_dir={run.parent}", f"name={run.name}", *overrides]
-        return load_config(run / "config.yaml", overrides)
+        return load_run(args.run, overrides)[0]
     return load_config(getattr(args, "config", None), overrides)
 
 
@@ -344,26 +336,27 @@ def _print_submitted(launcher: Launcher, run: str) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     from cnncam.launch.jobs import format_status, job_status, require_records
-    from cnncam.runs import RunPaths
 
-    print(format_status(job_status(require_records(RunPaths(Path(args.run))))))
+    paths = RunPaths(run_folder(args.run))
+    print(format_status(job_status(require_records(paths), paths=paths)))
     return 0
 
 
 def _logs(args: argparse.Namespace) -> int:
     from cnncam.launch.jobs import find_task, follow_logs, job_status, log_paths, require_records
-    from cnncam.runs import RunPaths
 
-    rec, task_id = find_task(require_records(RunPaths(Path(args.run))), args.job, args.task)
+    paths = RunPaths(run_folder(args.run))
+    rec, task_id = find_task(require_records(paths), args.job, args.task)
+    logs = log_paths(paths, rec, task_id, args.rank)  # refuses inline jobs: they have no logs
     if args.follow:
 
         def is_done() -> bool:
-            rows = [r for r in job_status([rec]) if r.job_id == task_id]
+            rows = [r for r in job_status([rec], paths=paths) if r.job_id == task_id]
             return all(r.done for r in rows)
 
-        follow_logs(rec, task_id, args.rank, lambda s: print(s, end="", flush=True), is_done)
+        follow_logs(paths, rec, task_id, args.rank, lambda s: print(s, end="", flush=True), is_done)
         return 0
-    for path in log_paths(rec, task_id, args.rank):
+    for path in logs:
         print(f"==> {path} <==")
         print(path.read_text(errors="replace") if path.exists() else "(not written yet)")
     return 0
@@ -371,27 +364,57 @@ def _logs(args: argparse.Namespace) -> int:
 
 def _cancel(args: argparse.Namespace) -> int:
     from cnncam.launch.jobs import cancel_jobs
-    from cnncam.runs import RunPaths
 
-    ids = cancel_jobs(RunPaths(Path(args.run)))
+    ids = cancel_jobs(RunPaths(run_folder(args.run)))
     print(f"cancelled: {', '.join(ids)}" if ids else "nothing to cancel: every job has finished")
     return 0
 
 
+# errno -> what to do; the message always names the file (issue 9: no raw traceback for these).
+_OS_ADVICE = {
+    errno.EACCES: "check its permissions, or choose another folder (--set runs_dir=..., --out ...)",
+    errno.EPERM: "check its permissions, or choose another folder (--set runs_dir=..., --out ...)",
+    errno.EROFS: "that file system is read-only; choose a writable folder",
+    errno.ENOSPC: "free some space and run the same command again (finished work is kept and resumed)",
+    errno.EDQUOT: "your disk quota is exceeded; free some space and run the same command again",
+    errno.ENOENT: "it does not exist (any more); check the path",
+    errno.ENOTDIR: "a part of that path is a file, not a folder",
+    errno.EISDIR: "it is a folder where a file was expected",
+    errno.ENAMETOOLONG: "shorten the path",
+    errno.EIO: "the disk or network file system failed; check it and run the command again",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a file-system error: what happened, to which file, what to do."""
+    what = (e.strerror or str(e)).strip().rstrip(".")
+    what = what[:1].lower() + what[1:]
+    where = f": {e.filename}" if e.filename is not None else ""
+    if e.filename2 is not None:
+        where += f" -> {e.filename2}"
+    advice = _OS_ADVICE.get(e.errno or 0)
+    return f"{what}{where}" + (f"; {advice}" if advice else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["synth"]:
-        from cnncam.data.synthetic import main as synth_main
-
-        return synth_main(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] == ["synth"]:
+            from cnncam.data.synthetic import main as synth_main
+
+            return synth_main(argv[1:])
+        args = build_parser().parse_args(argv)
         handlers = {"status": _status, "logs": _logs, "cancel": _cancel}
         if args.command in handlers:
             return handlers[args.command](args)
         return _submit(args, argv)
     except CnncamError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if os.environ.get("CNNCAM_TRACEBACK"):
+            raise
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

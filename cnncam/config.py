@@ -45,6 +45,12 @@ CamMethod = Literal[
 Split = Literal["train", "val", "test"]
 TARGET_PATTERN = re.compile(r"^(pred|label|all|class:\d+|topk:[1-9]\d*)$")
 TARGET_CHOICES = "pred, label, all, class:<i>, topk:<k>"
+# Largest data.image_size: a batch of 64 such float images is 12 GiB before the first layer.
+MAX_IMAGE_SIZE = 4096
+# Total downsampling of the torchvision models: a smaller input vanishes before the head.
+_DOWNSAMPLING = {
+    name: 32 for name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "vgg16", "efficientnet_b0")
+}
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,17 @@ class DataConfig:
     def __post_init__(self) -> None:
         _positive("data.image_size", self.image_size)
         _positive("data.batch_size", self.batch_size)
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(
+                f"data.image_size {self.image_size} is larger than {MAX_IMAGE_SIZE}, the largest supported "
+                f"size (64 such images take {64 * 3 * 4 * self.image_size**2 / 2**30:.0f} GiB as float32)"
+            )
         if self.resize is not None and self.resize < self.image_size:
             raise ConfigError(f"data.resize ({self.resize}) must be >= data.image_size ({self.image_size})")
+        if self.resize is not None and self.resize > 2 * MAX_IMAGE_SIZE:
+            raise ConfigError(
+                f"data.resize {self.resize} is larger than {2 * MAX_IMAGE_SIZE}, the largest supported"
+            )
         if self.eval_batch_size is not None:
             _positive("data.eval_batch_size", self.eval_batch_size)
         if self.num_workers < 0:
@@ -347,6 +362,11 @@ class RunConfig:
             raise ConfigError(
                 f"name {self.name!r} must be letters, digits, '_', '.', '-' (it names a folder)"
             )
+        need, what = min_image_size(self.model)
+        if self.data.image_size < need:
+            raise ConfigError(
+                f"data.image_size {self.data.image_size} is too small for {what}: it needs at least {need} px"
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -358,17 +378,67 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key} must be > 0, got {value}")
 
 
+def min_image_size(model: ModelConfig) -> tuple[int, str]:
+    """The smallest input the model can take and why: each stride-2 stage halves the image."""
+    if model.name == "simple_cnn":
+        n = len(model.channels)
+        return 2**n, f"simple_cnn with {n} blocks (each block halves the image)"
+    factor = _DOWNSAMPLING.get(model.name, 1)
+    return factor, f"{model.name} (it downsamples {factor}x)"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently, so a second ``train:`` section would replace the first).  Merge keys (``<<``)
+    may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = key in first
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} at line {line} (first at line {first[key]})",
+                    key_node.start_mark,
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: Path, what: str = "config file") -> Any:
+    """A YAML file with safe types only and unique keys; errors as one line naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a folder, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = e.problem or str(e)
+        if "duplicate key" in problem:
+            at = ""
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {problem}{at}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config, apply ``key.path=value`` overrides, validate everything."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        loaded = load_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         raw = loaded or {}

@@ -7,6 +7,9 @@
       classes.json          class names, index order = label ids
       provenance.json       git commit + dirty flag, package versions, host, seed, start time
       splits/{train,val,test}.csv   the file lists (path relative to data.root, label)
+      splits/hashes.csv     content hash of every listed image (finds duplicates across splits)
+      splits/duplicates.json        byte-identical images found in more than one split
+      splits/manifest.json  sha256 of the split's files: written last, so a split is complete
       skipped.json          images that could not be decoded, with the reason
       norm_stats.json       mean/std computed on the train split (data.normalize=dataset)
       metrics.jsonl         one JSON object per logged iteration and per epoch
@@ -14,7 +17,8 @@
       predictions.csv, confusion_matrix.json    final test evaluation
       cams/                 HDF5 part files and the merged cams.h5
       report/index.html     offline report
-      jobs.json, slurm/     submitted jobs and their logs
+      jobs.json, slurm/     submitted jobs, their logs and state files
+      .lock, .lock.holders/ the run lock and who holds it (cnncam.runlock)
 """
 
 from __future__ import annotations
@@ -76,6 +80,18 @@ class RunPaths:
         return self.splits / f"{split}.csv"
 
     @property
+    def split_hashes(self) -> Path:
+        return self.splits / "hashes.csv"
+
+    @property
+    def split_duplicates(self) -> Path:
+        return self.splits / "duplicates.json"
+
+    @property
+    def split_manifest(self) -> Path:
+        return self.splits / "manifest.json"
+
+    @property
     def skipped(self) -> Path:
         return self.root / "skipped.json"
 
@@ -113,16 +129,32 @@ def cams_dir(cfg: RunConfig) -> Path:
     return Path(cfg.cam.out) if cfg.cam.out else RunPaths(cfg.run_dir).cams
 
 
+def umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` sets it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(f)`` on a temp file in the same folder, fsync, then ``os.replace``.
 
     A crash at any point leaves either the old file or the new one, never a torn one
-    (timm's checkpoint saver does the same).
+    (timm's checkpoint saver does the same).  The file gets the mode a plain ``open`` would
+    give (0666 less the umask): ``mkstemp`` creates 0600, which hid ``index.html`` and
+    ``config.yaml`` from colleagues who could read the PNGs next to them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -158,12 +190,32 @@ def write_config(paths: RunPaths, cfg: RunConfig) -> None:
     atomic_write_text(paths.config, dump_yaml(cfg))
 
 
+def run_folder(run_dir: str | Path) -> Path:
+    """The run folder a user named; ``.`` or ``..`` are resolved, since they name no run."""
+    run = Path(run_dir)
+    return run.resolve() if run.name in ("", ".", "..") else run
+
+
+def require_run_folder(run_dir: str | Path) -> RunPaths:
+    """The paths of an existing folder (a typo must not read as "no jobs recorded")."""
+    run = run_folder(run_dir)
+    if not run.is_dir():
+        what = "is not a folder" if run.exists() else "does not exist"
+        raise CnncamError(f"run folder {run_dir} {what}")
+    return RunPaths(run)
+
+
 def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, RunPaths]:
-    """The resolved config of an existing run (plus optional overrides) and its paths."""
-    paths = RunPaths(Path(run_dir))
+    """The resolved config of an existing run (plus optional overrides) and its paths.
+
+    The folder given wins over ``runs_dir``/``name`` saved in its ``config.yaml``: a copied or
+    moved run reads its own files, never the original's.
+    """
+    paths = require_run_folder(run_dir)
     if not paths.config.is_file():
         raise CnncamError(f"{run_dir} is not a cnncam run directory (no config.yaml); train first")
-    return load_config(paths.config, overrides), paths
+    where = [f"runs_dir={paths.root.parent}", f"name={paths.root.name}"]
+    return load_config(paths.config, [*where, *overrides]), paths
 
 
 def read_classes(paths: RunPaths) -> list[str]:

@@ -10,6 +10,8 @@ apart leaves ``config.py`` as the readable schema itself.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -17,6 +19,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from cnncam.errors import ConfigError, choice_message, closest
+
+# Values quoted in errors are cut short: a 400-byte YAML of nested aliases expands to megabytes.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 6, 6, 6
+_REPR.maxstring, _REPR.maxother = 120, 120
+
+
+def short(value: Any, limit: int = 300) -> str:
+    """``repr(value)`` bounded in size, without building the full text first."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def apply_override(root: type, raw: dict[str, Any], item: str) -> None:
@@ -66,6 +79,8 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}")
+    if len(raw) > 1000:  # no section has that many keys; avoid listing them all
+        raise ConfigError(f"{where} has {len(raw)} keys; valid keys: {', '.join(_fields(cls))}")
     hints = _fields(cls)
     kwargs = {}
     for key, value in raw.items():
@@ -86,8 +101,11 @@ def _coerce(value: Any, ftype: Any, key: str) -> Any:
         return from_dict(ftype, value, key + ".")
     if origin is Literal:
         choices = get_args(ftype)
+        if not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {short(value)}")
         if value not in choices:
-            raise ConfigError(f"{key}: " + choice_message("value", value, [str(c) for c in choices]))
+            shown = value if len(str(value)) <= 100 else str(value)[:100] + "..."
+            raise ConfigError(f"{key}: " + choice_message("value", shown, [str(c) for c in choices]))
         return value
     if origin in (Union, types.UnionType):
         args = get_args(ftype)
@@ -101,14 +119,14 @@ def _coerce(value: Any, ftype: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {ftype}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {short(value)} matches none of {ftype}")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {short(value)}")
         args = get_args(ftype)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{key} must be a list of {len(args)} values, got {list(value)!r}")
+                raise ConfigError(f"{key} must be a list of {len(args)} values, got {short(list(value))}")
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item_type = args[0] if args else Any
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
@@ -120,11 +138,11 @@ def _coerce(value: Any, ftype: Any, key: str) -> Any:
         return value
     if ftype is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
+            raise ConfigError(f"{key} must be true or false, got {short(value)}")
         return value
     if ftype is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+            raise ConfigError(f"{key} must be an integer, got {short(value)}")
         return value
     if ftype is float:
         if isinstance(value, str):
@@ -134,11 +152,14 @@ def _coerce(value: Any, ftype: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key} must be a number, got {short(value)}")
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+        if not math.isfinite(number):  # NaN passes every `<= 0` check, inf trains to NaN
+            raise ConfigError(f"{key} must be a finite number, got {short(value, 40)}")
+        return number
     if ftype is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
+            raise ConfigError(f"{key} must be a string, got {short(value)}")
         return value
     raise ConfigError(f"{key}: unsupported field type {ftype}")  # a schema bug, not user error
 
@@ -146,7 +167,7 @@ def _coerce(value: Any, ftype: Any, key: str) -> Any:
 def _unknown_key(key: str, hints: dict[str, Any]) -> None:
     leaf = key.rsplit(".", 1)[-1]
     section = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    msg = f"unknown config key {key!r}"
+    msg = f"unknown config key {short(key, 120)}"
     guess = closest(leaf, hints)
     if guess is not None:
         msg += f"; did you mean {section + guess!r}?"

@@ -83,7 +83,7 @@ def records(run: Path) -> list[JobRecord]:
 
 
 def statuses(run: Path) -> list[TaskStatus]:
-    return job_status(records(run))
+    return job_status(records(run), paths=RunPaths(run))
 
 
 def wait_all_done(run: Path, timeout_s: float) -> list[TaskStatus]:

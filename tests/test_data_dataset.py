@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import warnings
 from pathlib import Path
@@ -14,8 +15,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from cnncam.config import DataConfig, SplitConfig
-from cnncam.data.dataset import BadImageWarning, ImageDataset, discover, load_boxes
-from cnncam.data.splits import DatasetIndex, load_index, save_index, split_counts
+from cnncam.data import walk
+from cnncam.data.dataset import BadImageWarning, ImageDataset, LinkWarning, discover, load_boxes
+from cnncam.data.splits import DatasetIndex, load_index, read_hashes, save_index, split_counts, split_state
 from cnncam.data.transforms import eval_transform, train_transform
 from cnncam.errors import CnncamError, DataError
 from cnncam.runs import RunPaths
@@ -34,7 +36,11 @@ def _img(path: Path, colour: tuple[int, int, int] = (200, 30, 90), size: tuple[i
 def _folder(root: Path, counts: dict[str, int], prefix: str = "") -> Path:
     for c, n in counts.items():
         for i in range(n):
-            _img(root / prefix / c / f"{c}_{i:03d}.png", colour=(10 * i % 256, 40, 100 + len(c)))
+            # Distinct bytes per class and split: identical files across splits would (rightly) warn.
+            _img(
+                root / prefix / c / f"{c}_{i:03d}.png",
+                colour=(10 * i % 256, 40 + ord(c[0]) % 50, 100 + len(c) + len(prefix)),
+            )
     return root
 
 
@@ -197,6 +203,11 @@ def test_save_load_index_round_trip(tmp_path: Path) -> None:
     assert paths.split_file("train").read_text().splitlines()[1] == '"a b/x,1.png",0'
     assert load_index(paths, tmp_path / "data") == index
     paths.split_file("val").write_text("path,label\nç/v.png,7\n")
+    with pytest.raises(
+        DataError, match="split of run .* was changed after training wrote it: .*val.csv differs"
+    ):
+        load_index(paths, tmp_path / "data")
+    paths.split_manifest.unlink()  # a split saved before manifests existed: read as it is
     with pytest.raises(DataError, match="line 2"):
         load_index(paths, tmp_path / "data")
     paths.split_file("val").unlink()
@@ -229,7 +240,8 @@ def test_load_boxes(tmp_path: Path) -> None:
 def train_ds(tmp_path: Path) -> ImageDataset:
     root = _folder(tmp_path / "d", {"a": 3, "b": 3})
     cfg = _cfg(root, augment="full", normalize="none", vflip=0.5)
-    samples = discover(cfg, seed=0).splits["train"]
+    with pytest.warns(UserWarning, match="val split is empty"):  # 3 images per class: 10 % rounds to 0
+        samples = discover(cfg, seed=0).splits["train"]
     return ImageDataset(
         root, samples, train_transform(cfg, [0.0] * 3, [1.0] * 3), cfg.max_image_pixels, seed=7
     )
@@ -302,4 +314,84 @@ def test_eval_dataset_is_plain(tmp_path: Path) -> None:
     )
     x, label, index = ds[0]
     assert (label, index) == (0, 0)
-    assert torch.allclose(x[:, -1, -1], torch.tensor([10, 40, 101]) / 255.0)  # un-augmented corner colour
+    expected = torch.tensor([10, 40 + ord("a") % 50, 101]) / 255.0
+    assert torch.allclose(x[:, -1, -1], expected)  # un-augmented corner colour
+
+
+# ---------------------------------------------------------------------------------------------- links, hashes
+
+
+def test_hard_links_and_linked_folders_are_listed_once(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "d", {"a": 3, "b": 3})
+    os.link(root / "a" / "a_000.png", root / "a" / "zz_same_inode.png")
+    outside = _folder(tmp_path / "ext", {"x": 2})
+    (root / "b" / "ext1").symlink_to(outside / "x")
+    (root / "b" / "ext2").symlink_to(outside / "x")  # the same real folder twice
+    with pytest.warns(LinkWarning, match="2 path\\(s\\) led to a file or folder already listed"):
+        index = discover(_cfg(root, split=SplitConfig(1.0, 0.0, 0.0)), seed=0)
+    listed = [p for p, _ in index.splits["train"]]
+    assert "a/zz_same_inode.png" not in listed and listed.count("a/a_000.png") == 1
+    assert [p for p in listed if "ext" in p] == ["b/ext1/x_000.png", "b/ext1/x_001.png"]
+
+
+def test_a_class_folder_linked_to_another_class_is_refused(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "d", {"a": 3, "b": 3})
+    (root / "c").symlink_to("a")
+    with pytest.raises(DataError, match="class folder .*c is a symlink into data.root.*two labels"):
+        discover(_cfg(root), seed=0)
+
+
+def test_content_hashes_are_cached_by_size_and_mtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _folder(tmp_path / "d", {"a": 3, "b": 3})
+    cfg = _cfg(root, split=SplitConfig(1.0, 0.0, 0.0))
+    first = discover(cfg, seed=0)
+    assert set(first.hashes) == {p for p, _ in first.splits["train"]}
+    paths = RunPaths(tmp_path / "run")
+    save_index(first, paths)
+    cache = read_hashes(paths)
+    assert cache == first.hashes
+    opened: list[str] = []
+    real = walk.hashlib.blake2b
+    monkeypatch.setattr(walk.hashlib, "blake2b", lambda **kw: opened.append("x") or real(**kw))
+    _img(root / "a" / "a_000.png", colour=(1, 2, 3))  # one file changes: only it is hashed again
+    again = discover(cfg, seed=0, hash_cache=cache)
+    assert len(opened) == 1 and again.hashes["a/a_000.png"] != first.hashes["a/a_000.png"]
+    assert {k: v for k, v in again.hashes.items() if k != "a/a_000.png"} == {
+        k: v for k, v in first.hashes.items() if k != "a/a_000.png"
+    }
+
+
+def test_split_state_tells_complete_partial_changed_and_legacy(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "d", {"a": 5, "b": 5})
+    paths = RunPaths(tmp_path / "run")
+    assert split_state(paths) == ("none", "")
+    save_index(discover(_cfg(root), seed=0), paths)
+    assert split_state(paths) == ("complete", "")
+    paths.split_file("test").write_text("path,label\n")
+    state, why = split_state(paths)
+    assert state == "changed" and "test.csv differs" in why
+    paths.split_manifest.unlink()
+    assert split_state(paths)[0] == "partial"  # files but no manifest, nothing trained: write again
+    paths.last_ckpt.parent.mkdir(parents=True)
+    paths.last_ckpt.write_bytes(b"x")
+    assert split_state(paths)[0] == "legacy"  # a run trained before manifests existed
+
+
+def test_a_split_changed_after_training_began_is_refused(tmp_path: Path) -> None:
+    from cnncam.config import load_config
+    from cnncam.train.distributed import DistInfo
+    from cnncam.train.setup import load_or_discover
+
+    root = _folder(tmp_path / "d", {"a": 5, "b": 5})
+    cfg = load_config(
+        None, [f"data.root={root}", f"runs_dir={tmp_path}", "name=r", f"data.image_size={SIZE}"]
+    )
+    paths = RunPaths(cfg.run_dir)
+    index = load_or_discover(cfg, paths, DistInfo())
+    paths.split_file("train").write_text("path,label\na/a_000.png,0\n")
+    assert load_or_discover(cfg, paths, DistInfo()) == index  # nothing trained yet: written again
+    paths.last_ckpt.parent.mkdir(parents=True)
+    paths.last_ckpt.write_bytes(b"x")
+    paths.split_file("train").write_text("path,label\na/a_000.png,0\n")
+    with pytest.raises(DataError, match="was changed after training began .*train.csv differs"):
+        load_or_discover(cfg, paths, DistInfo())

@@ -208,6 +208,8 @@ def test_inline_failure_is_recorded_and_reported(tmp_path: Path) -> None:
 
 def test_run_commands_need_a_run_dir(tmp_path: Path) -> None:
     rc, _, err = run("cam", "--run", str(tmp_path / "nope"), "--dry-run")
+    assert rc == 2 and f"run folder {tmp_path / 'nope'} does not exist" in err
+    rc, _, err = run("cam", "--run", str(tmp_path), "--dry-run")
     assert rc == 2 and "not a cnncam run directory" in err
     rc, _, err = run("status", "--run", str(tmp_path))
     assert rc == 2 and "no jobs recorded" in err

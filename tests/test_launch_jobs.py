@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from submitit.core.utils import DelayedSubmission, cloudpickle_dump
+from submitit.core.utils import DelayedSubmission
 from train_helpers import StopAfter
 
 from cnncam.errors import CnncamError, LaunchError
@@ -114,13 +115,15 @@ def test_jobs_json_round_trip_and_task_lookup(tmp_path: Path) -> None:
         J.find_task([a, b], "report", None)
     with pytest.raises(CnncamError, match="tasks 0..1; got --task 2"):
         J.find_task([a, b], "cam", 2)
-    out, err = J.log_paths(b, "8_1", rank=0)
-    assert (out.name, err.name) == ("8_1_0_log.out", "8_1_0_log.err") and out.parent.name == "8_1"
+    out, err = J.log_paths(paths, b, "8_1", rank=0)
+    assert (out.name, err.name) == ("8_1_0_log.out", "8_1_0_log.err")
+    assert out.parent == (tmp_path / "slurm" / "8_1").absolute()  # in this run, whatever jobs.json says
 
 
 def test_follow_logs_prints_growth_until_done(tmp_path: Path) -> None:
     rec = J.JobRecord("probe", "slurm", "9", ["9"], str(tmp_path / "%j"), "n")
-    out, err = J.log_paths(rec, "9")
+    paths = RunPaths(tmp_path)
+    out, err = J.log_paths(paths, rec, "9")
     out.parent.mkdir(parents=True)
     chunks: list[str] = []
     polls = iter(range(100))
@@ -135,7 +138,7 @@ def test_follow_logs_prints_growth_until_done(tmp_path: Path) -> None:
             err.write_text("warning\n")
         return n >= 2
 
-    J.follow_logs(rec, "9", 0, chunks.append, is_done, poll_s=0.0)
+    J.follow_logs(paths, rec, "9", 0, chunks.append, is_done, poll_s=0.0)
     assert chunks == ["line 1\n", "line 2\n", "warning\n"]
 
 
@@ -200,23 +203,59 @@ def test_export_local_dist_env_maps_submitit_local_ids() -> None:
     assert "RANK" not in slurm  # under Slurm the training code reads SLURM_* itself
 
 
-def test_wait_for_local_dependencies(tmp_path: Path) -> None:
-    ok, bad = tmp_path / "ok.pkl", tmp_path / "bad.pkl"
-    cloudpickle_dump(("success", 1), ok)
-    cloudpickle_dump(("error", "Traceback ..."), bad)
+def _state(path: Path, state: str) -> None:
+    path.write_text(json.dumps({"state": state, "pid": 1}))
+
+
+def test_wait_for_local_dependencies_reads_state_files(tmp_path: Path) -> None:
+    ok, bad = tmp_path / "ok.json", tmp_path / "bad.json"
+    _state(ok, "COMPLETED")
+    _state(bad, "FAILED")
     me = os.getpid()
     T.wait_for_local((T.LocalDep(me, str(ok)),), poll_s=0.01)
     with pytest.raises(LaunchError, match=f"local job {me}\\) failed"):
         T.wait_for_local((T.LocalDep(me, str(ok)), T.LocalDep(me, str(bad))), poll_s=0.01)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    with pytest.raises(LaunchError, match="failed"):  # ended without writing a result
-        T.wait_for_local((T.LocalDep(dead.pid, str(tmp_path / "none.pkl")),), poll_s=0.01)
-    late = tmp_path / "late.pkl"
-    timer = threading.Timer(0.2, lambda: cloudpickle_dump(("success", 2), late))
+    with pytest.raises(LaunchError, match="failed"):  # ended without writing a state
+        T.wait_for_local((T.LocalDep(dead.pid, str(tmp_path / "none.json")),), poll_s=0.01)
+    running = tmp_path / "running.json"
+    _state(running, "RUNNING")
+    with pytest.raises(LaunchError, match="failed"):  # ended while it said RUNNING: killed
+        T.wait_for_local((T.LocalDep(dead.pid, str(running)),), poll_s=0.01)
+    late = tmp_path / "late.json"
+    _state(late, "RUNNING")
+    timer = threading.Timer(0.2, lambda: _state(late, "COMPLETED"))
     timer.start()
     T.wait_for_local((T.LocalDep(me, str(late)),), poll_s=0.01)  # waits while the job runs
     timer.join()
+
+
+def test_task_state_file_is_written_and_read_as_plain_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("SUBMITIT_FOLDER", str(tmp_path / "%j"))
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "77")
+    monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", "0")
+    path = T.state_file(tmp_path / "77", "77")
+    seen = []
+    with T.recorded_state():
+        seen.append(T.read_state(path))
+    assert seen == ["RUNNING"] and T.read_state(path) == "COMPLETED"
+    with pytest.raises(ValueError), T.recorded_state():
+        raise ValueError("boom")
+    assert T.read_state(path) == "FAILED" and "ValueError: boom" in json.loads(path.read_text())["error"]
+    with pytest.raises(LaunchError), T.recorded_state(final=False):
+        raise LaunchError("dependency failed")
+    assert T.read_state(path) == "FAILED"
+    with T.recorded_state(final=False):  # a wait before the work never says COMPLETED
+        pass
+    assert T.read_state(path) == "RUNNING"
+    # Whatever else lies there is not a state: never unpickled, never trusted.
+    for junk in (b"\x80\x04K\x01.", b"[1, 2]", b'{"state": "PWNED"}', b"\xff" * 100):
+        path.write_bytes(junk)
+        assert T.read_state(path) is None
 
 
 def test_probe_stops_at_a_step_boundary_and_resumes_exactly(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ def cli(*argv: str) -> str:
 def wait_done(run: Path, timeout_s: float = 90) -> list[TaskStatus]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        rows = job_status(load_records(RunPaths(run)))
+        rows = job_status(load_records(RunPaths(run)), paths=RunPaths(run))
         if rows and all(r.done for r in rows):
             return rows
         time.sleep(0.2)

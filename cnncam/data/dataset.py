@@ -8,7 +8,14 @@ Two folder layouts (``data.layout``)::
 
 Every candidate file is decoded once at discovery (in a thread pool: Pillow releases the
 GIL while decoding), so a broken file is listed in ``skipped.json`` instead of killing
-epoch 7 of a 10-hour job.
+epoch 7 of a 10-hour job.  So is a path too long for the CAM file (``samples/path`` holds
+511 bytes): better refused before training than by ``cam`` after it.
+
+Symlinks are followed (datasets are often linked into place), except one that points back
+into the data folder, and each real file is listed once: a loop (``square/loop -> .``) once
+turned 17 files into 697 samples, with every file in both train and test.  A cheap content
+hash of every file (cached in the run, ``splits/hashes.csv``) finds byte-identical files in
+more than one split; they are reported in a :class:`DuplicateImageWarning`.
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ from torch.utils.data import Dataset, get_worker_info
 from cnncam.config import DataConfig
 from cnncam.console import track
 from cnncam.data.images import BadImageError, load_rgb
-from cnncam.data.splits import SPLITS, DatasetIndex, Sample, _split_single
+from cnncam.data.splits import SPLITS, DatasetIndex, FileHash, Sample, _split_single
+from cnncam.data.walk import DuplicateImageWarning as DuplicateImageWarning
+from cnncam.data.walk import FolderWalk, content_hash, cross_split_duplicates
+from cnncam.data.walk import LinkWarning as LinkWarning
 from cnncam.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -48,8 +58,11 @@ class BadImageWarning(UserWarning):
 # Discovery
 
 
-def discover(cfg: DataConfig, seed: int) -> DatasetIndex:
+def discover(cfg: DataConfig, seed: int, hash_cache: dict[str, FileHash] | None = None) -> DatasetIndex:
     """Scan ``cfg.root``, decode every image once, and split it.
+
+    ``hash_cache``: content hashes of an earlier scan (``path -> (size, mtime_ns, digest)``),
+    reused for files whose size and mtime did not change.
 
     Raises
     ------
@@ -66,9 +79,11 @@ def discover(cfg: DataConfig, seed: int) -> DatasetIndex:
         what = "is not a folder" if root.exists() else "does not exist"
         raise DataError(f"data.root {str(root)!r} {what}")
     presplit = _is_presplit(root, cfg.layout)
-    classes, found = _find_images(root, presplit, cfg.extensions)
+    walk = FolderWalk(root)
+    classes, found = _find_images(root, presplit, cfg.extensions, walk)
+    walk.warn()
     all_files = [f for per_class in found.values() for files in per_class.values() for f in files]
-    bad = _check_images(root, all_files, cfg.max_image_pixels)
+    bad, hashes = _check_images(root, all_files, cfg.max_image_pixels, hash_cache or {})
     skipped = [{"path": rel, "reason": bad[rel]} for rel in sorted(bad)]
     if skipped:
         _warn_skipped(root, skipped)
@@ -82,20 +97,28 @@ def discover(cfg: DataConfig, seed: int) -> DatasetIndex:
     else:
         _require_training_images(root, good["all"], bad, "")
         splits = _split_single(good["all"], classes, cfg.split, seed)
-    return DatasetIndex(root=root, classes=classes, splits=splits, skipped=skipped)
+        if not splits["val"] and cfg.split.val > 0:  # asked for, but it rounds to no image
+            warnings.warn(
+                f"the val split is empty (data.split.val={cfg.split.val} of {len(all_files)} images): "
+                "there are no validation metrics, and training monitors the training metrics instead",
+                UserWarning,
+                stacklevel=2,
+            )
+    duplicates = cross_split_duplicates(splits, hashes)
+    return DatasetIndex(root, classes, splits, skipped, hashes=hashes, duplicates=duplicates)
 
 
 def _find_images(
-    root: Path, presplit: bool, extensions: Sequence[str]
+    root: Path, presplit: bool, extensions: Sequence[str], walk: FolderWalk
 ) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
     """(classes, {split or "all": {class: sorted relative paths}}) with structural checks."""
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     if presplit:
         classes = _presplit_classes(root)
-        found = {s: _list_images(root, root / s, classes, exts) for s in SPLITS if (root / s).is_dir()}
+        found = {s: _list_images(root / s, classes, exts, walk) for s in SPLITS if (root / s).is_dir()}
     else:
         classes = _class_names(root)
-        found = {"all": _list_images(root, root, classes, exts)}
+        found = {"all": _list_images(root, classes, exts, walk)}
     if len(classes) < 2:
         raise DataError(
             f"{root} holds a single class ({classes[0]!r}); classification needs at least 2 classes"
@@ -146,46 +169,57 @@ def _presplit_classes(root: Path) -> list[str]:
     return classes
 
 
-def _list_images(root: Path, folder: Path, classes: list[str], exts: set[str]) -> dict[str, list[str]]:
-    """class -> sorted image paths relative to ``root``; raises on empty class folders."""
-    found = {c: _walk(root, folder / c, exts) for c in classes}
+def _list_images(folder: Path, classes: list[str], exts: set[str], walk: FolderWalk) -> dict[str, list[str]]:
+    """class -> sorted image paths relative to the data root; raises on empty class folders."""
+    for c in classes:
+        if (folder / c).is_symlink() and walk.points_inside(folder / c):
+            raise DataError(
+                f"class folder {folder / c} is a symlink into data.root ({(folder / c).resolve()}): its "
+                "images would get two labels; remove the link"
+            )
+    found = {c: walk.images(folder / c, exts) for c in classes}
     empty = [str(folder / c) for c, files in found.items() if not files]
     if empty:
         raise DataError(f"empty class folder(s) with no {'/'.join(sorted(exts))} files: {', '.join(empty)}")
     return found
 
 
-def _walk(root: Path, folder: Path, exts: set[str]) -> list[str]:
-    files = []
-    # followlinks like torchvision's ImageFolder: datasets are often symlinked into place.
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
-                files.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(files)
+def _check_images(
+    root: Path, files: list[str], max_pixels: int, cache: dict[str, FileHash], hash_files: bool = True
+) -> tuple[dict[str, str], dict[str, FileHash]]:
+    """({rel path: reason} for every file ``load_rgb`` or the CAM file refuses, {rel path: hash}).
 
+    ``hash_files=False`` for samples that are not files of their own (WebDataset tar members).
+    """
+    from cnncam.storage.schema import PATH_BYTES
 
-def _check_images(root: Path, files: list[str], max_pixels: int) -> dict[str, str]:
-    """rel path -> reason, for every file that ``load_rgb`` refuses."""
-
-    def check(rel: str) -> str | None:
+    def check(rel: str) -> tuple[str | None, FileHash | None]:
+        size = len(rel.encode("utf-8"))
+        if size >= PATH_BYTES:
+            return f"its path is {size} bytes; the CAM file stores at most {PATH_BYTES - 1} (rename it)", None
+        path = root / rel
         try:
-            load_rgb(root / rel, max_pixels)
+            load_rgb(path, max_pixels)  # first: its reasons are the ones users know
+            digest = content_hash(path, cache.get(rel)) if hash_files else None
         except BadImageError as e:
-            return e.reason
-        return None
+            return e.reason, None
+        except OSError as e:
+            return f"{type(e).__name__}: {e.strerror or e}", None
+        return None, digest
 
-    def reasons() -> Iterator[str | None]:
+    def results() -> Iterator[tuple[str | None, FileHash | None]]:
         with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
             for start in range(0, len(files), _CHUNK):
                 yield from pool.map(check, files[start : start + _CHUNK])
 
-    bad = {}
-    for rel, reason in zip(files, track(reasons(), total=len(files), desc="checking images", unit="img")):
+    bad, hashes = {}, {}
+    checked = track(results(), total=len(files), desc="checking images", unit="img")
+    for rel, (reason, digest) in zip(files, checked):
         if reason is not None:
             bad[rel] = reason
-    return bad
+        elif digest is not None:
+            hashes[rel] = digest
+    return bad, hashes
 
 
 def _warn_skipped(root: Path, skipped: list[dict[str, str]]) -> None:

@@ -28,8 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cnncam.config import DataConfig
-from cnncam.data.dataset import _check_images, _require_training_images, _walk, _warn_skipped
+from cnncam.data.dataset import _check_images, _require_training_images, _warn_skipped
 from cnncam.data.splits import SPLITS, DatasetIndex, Sample, _split_single
+from cnncam.data.walk import FolderWalk, cross_split_duplicates
 from cnncam.data.webdataset import find_shards, list_shard
 from cnncam.errors import DataError
 
@@ -61,7 +62,9 @@ def discover_all(cfg: DataConfig, classes: Sequence[str], split: str) -> Dataset
                 f"{root}: class folders {unknown or 'none'} are not in the class list "
                 f"({', '.join(classes)}); expected {root}/<class>/<image>"
             )
-        rows: list[Row] = [(rel, c, "") for c in folders for rel in _walk(root, root / c, exts)]
+        walk = FolderWalk(root)
+        rows: list[Row] = [(rel, c, "") for c in folders for rel in walk.images(root / c, exts)]
+        walk.warn()
         bad: dict[str, str] = {}
     else:
         rows, bad = _rows(cfg, root)
@@ -168,7 +171,10 @@ def _index(
     """Decode every image once, then split: as the data says, into ``default_split``, or stratified."""
     if len(classes) < 2 and default_split is None:
         raise DataError(f"{root} holds a single class ({classes}); classification needs at least 2 classes")
-    bad.update(_check_images(root, [r[0] for r in rows], cfg.max_image_pixels))
+    refused, hashes = _check_images(
+        root, [r[0] for r in rows], cfg.max_image_pixels, {}, hash_files=cfg.format != "webdataset"
+    )
+    bad.update(refused)
     skipped = [{"path": rel, "reason": bad[rel]} for rel in sorted(bad)]
     if skipped:
         _warn_skipped(root, skipped)
@@ -187,11 +193,12 @@ def _index(
         if default_split is None:
             per_class = {c: [r for r, lab in splits["train"] if lab == i] for i, c in enumerate(classes)}
             _require_training_images(root, per_class, bad, "")
-        return DatasetIndex(root=root, classes=classes, splits=splits, skipped=skipped)
-    per_class = {c: sorted(rel for rel, lab, _ in good if lab == i) for i, c in enumerate(classes)}
-    _require_training_images(root, per_class, bad, "")
-    splits = _by_shard(cfg, _split_single(per_class, classes, cfg.split, seed))
-    return DatasetIndex(root=root, classes=classes, splits=splits, skipped=skipped)
+    else:
+        per_class = {c: sorted(rel for rel, lab, _ in good if lab == i) for i, c in enumerate(classes)}
+        _require_training_images(root, per_class, bad, "")
+        splits = _by_shard(cfg, _split_single(per_class, classes, cfg.split, seed))
+    duplicates = cross_split_duplicates(splits, hashes)
+    return DatasetIndex(root, classes, splits, skipped, hashes=hashes, duplicates=duplicates)
 
 
 def _by_shard(cfg: DataConfig, splits: dict[str, list[Sample]]) -> dict[str, list[Sample]]:

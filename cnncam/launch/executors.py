@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cnncam.config import SlurmConfig
-from cnncam.errors import ConfigError, LaunchError, choice_message
+from cnncam.errors import CnncamError, ConfigError, LaunchError, choice_message
 from cnncam.launch import params as P
 from cnncam.launch.jobs import JobRecord, append_records
-from cnncam.launch.tasks import AfterOk, LaunchTask, LocalDep
+from cnncam.launch.tasks import AfterOk, LaunchTask, LocalDep, state_file
 from cnncam.runs import RunPaths
 
 
@@ -98,11 +98,11 @@ class Launcher:
         elif self.executor == "local":
             rec = self._submit_local(kind, tasks, after)
         else:
-            rec = self._run_inline(kind, tasks)
+            rec = self._run_inline(kind, tasks, shards, num_shards)
         rec.shards = list(shards) if shards is not None else None
         rec.num_shards = num_shards
         rec.command = self.command
-        rec.submitted = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        rec.submitted = rec.submitted or time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if not self.dry_run:
             append_records(self.paths, [rec])
         self.submitted.append(rec)
@@ -160,7 +160,7 @@ class Launcher:
         executor = submitit.LocalExecutor(self.folder, max_num_timeout=self.slurm.max_requeues)
         executor.update_parameters(**P.local_parameters(kind, self.slurm))
         deps = tuple(
-            LocalDep(int(pid), str(JobPaths(r.folder, job_id=pid, task_id=0).result_pickle))
+            LocalDep(int(pid), str(state_file(JobPaths(self.folder, job_id=pid).folder, pid)))
             for r in after
             for pid in r.tasks
         )
@@ -171,7 +171,9 @@ class Launcher:
         name = P.job_name(kind, self.slurm, self.run_name)
         return JobRecord(kind, "local", ids[0], ids, str(self.folder), name, after=[r.job_id for r in after])
 
-    def _run_inline(self, kind: str, tasks: Sequence[LaunchTask]) -> JobRecord:
+    def _run_inline(
+        self, kind: str, tasks: Sequence[LaunchTask], shards: Sequence[int] | None, num_shards: int | None
+    ) -> JobRecord:
         r = P.resources(kind, self.slurm)
         if r.nodes * r.tasks_per_node > 1:
             raise ConfigError(
@@ -185,6 +187,10 @@ class Launcher:
             ["inline"] * len(tasks),
             str(self.folder),
             P.job_name(kind, self.slurm, self.run_name),
+            shards=list(shards) if shards is not None else None,
+            num_shards=num_shards,
+            submitted=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            command=self.command,
             state="RUNNING",
         )
         try:
@@ -192,8 +198,15 @@ class Launcher:
                 task()
         except BaseException:
             rec.state = "FAILED"
-            append_records(self.paths, [rec])
             self.submitted.append(rec)
+            try:
+                append_records(self.paths, [rec])
+            except (OSError, CnncamError) as e:
+                # The task's own error is the one to show; this one is a footnote, not a chain.
+                print(
+                    f"warning: could not record the failed {kind} job in {self.paths.jobs}: {e}",
+                    file=sys.stderr,
+                )
             raise
         rec.state = "COMPLETED"
         return rec

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cnncam.errors import CnncamError, LaunchError
-from cnncam.launch.tasks import pid_alive, read_result
-from cnncam.runs import RunPaths, atomic_write_json, read_json
+from cnncam.launch.tasks import pid_alive, read_state, state_file
+from cnncam.runs import RunPaths, atomic_write_json, read_json, require_run_folder
 
 TERMINAL = (
     "COMPLETED",
@@ -62,9 +62,20 @@ def load_records(paths: RunPaths) -> list[JobRecord]:
     raw = read_json(paths.jobs)
     names = {f.name for f in dataclasses.fields(JobRecord)}
     try:
-        return [JobRecord(**{k: v for k, v in r.items() if k in names}) for r in raw["jobs"]]
-    except (KeyError, TypeError) as e:
+        records = [JobRecord(**{k: v for k, v in r.items() if k in names}) for r in raw["jobs"]]
+    except (KeyError, TypeError, AttributeError) as e:
         raise CnncamError(f"{paths.jobs} is not a cnncam jobs file: {e}") from None
+    for rec in records:  # the file may be foreign: ids end up in sacct/scancel arguments and paths
+        ids = [rec.job_id, *(rec.tasks if isinstance(rec.tasks, list) else [None])]
+        if not all(isinstance(v, str) for v in [rec.kind, rec.executor]) or not all(map(_valid_id, ids)):
+            raise CnncamError(
+                f"{paths.jobs} is not a cnncam jobs file: job ids must look like 12, 13_4 or inline"
+            )
+    return records
+
+
+def _valid_id(job_id: object) -> bool:
+    return isinstance(job_id, str) and re.fullmatch(r"[A-Za-z0-9_]+(_\[[0-9,%-]+\])?", job_id) is not None
 
 
 def save_records(paths: RunPaths, records: Sequence[JobRecord]) -> None:
@@ -76,6 +87,7 @@ def append_records(paths: RunPaths, new: Sequence[JobRecord]) -> None:
 
 
 def require_records(paths: RunPaths) -> list[JobRecord]:
+    paths = require_run_folder(paths.root)
     records = load_records(paths)
     if not records:
         raise CnncamError(f"no jobs recorded in {paths.jobs}; submit something first (train, cam, ...)")
@@ -172,19 +184,27 @@ def slurm_states(job_ids: Sequence[str], run: Runner = _run) -> dict[str, tuple[
     return out
 
 
-def _local_state(rec: JobRecord, pid: str, folder: str) -> str:
-    from submitit.core.utils import JobPaths
+def task_folder(paths: RunPaths, task_id: str) -> Path:
+    """submitit's folder of one task: always under the run given (never the ``folder`` that
+    jobs.json names, which may be the original of a copied run, or anything at all)."""
+    return paths.slurm_logs.absolute() / task_id
 
+
+def _local_state(rec: JobRecord, pid: str, paths: RunPaths | None) -> str:
+    # PIDs and the state file the task wrote: never submitit's result pickle, which would
+    # run code from the run folder (issue 9, B1).
     if pid_alive(int(pid)):
         return "RUNNING"
-    outcome = read_result(JobPaths(folder, job_id=pid, task_id=0).result_pickle)
-    if outcome is not None:
-        return "COMPLETED" if outcome[0] == "success" else "FAILED"
+    state = read_state(state_file(task_folder(paths, pid), pid)) if paths is not None else None
+    if state in ("COMPLETED", "FAILED", "CANCELLED"):
+        return state
     return "CANCELLED" if rec.cancelled else "FAILED"
 
 
-def job_status(records: Sequence[JobRecord], run: Runner = _run) -> list[TaskStatus]:
-    """One row per task of every recorded job, oldest first."""
+def job_status(
+    records: Sequence[JobRecord], run: Runner = _run, paths: RunPaths | None = None
+) -> list[TaskStatus]:
+    """One row per task of every recorded job, oldest first (``paths``: the run, for local jobs)."""
     slurm_ids = [r.job_id for r in records if r.executor == "slurm"]
     states = slurm_states(slurm_ids, run)
     rows = []
@@ -198,10 +218,10 @@ def job_status(records: Sequence[JobRecord], run: Runner = _run) -> list[TaskSta
             if rec.executor == "slurm":
                 missing = ("CANCELLED", "", "", 0) if dropped else ("UNKNOWN", "", "", None)
                 state, elapsed, node, restarts = states.get(tid, missing)
-            elif rec.executor == "local":
-                state, elapsed, node, restarts = _local_state(rec, tid, rec.folder), "", "localhost", 0
+            elif rec.executor == "local" and tid.isdigit():
+                state, elapsed, node, restarts = _local_state(rec, tid, paths), "", "localhost", 0
             else:
-                state, elapsed, node, restarts = rec.state or "UNKNOWN", "", "inline", 0
+                state, elapsed, node, restarts = rec.state or "UNKNOWN", "", rec.executor, 0
             rows.append(TaskStatus(rec.kind, tid, index, shard, state, elapsed, node, restarts))
     return rows
 
@@ -246,12 +266,17 @@ def find_task(records: Sequence[JobRecord], job: str | None, task: int | None) -
     return chosen, chosen.tasks[index]
 
 
-def log_paths(rec: JobRecord, task_id: str, rank: int = 0) -> tuple[Path, Path]:
-    """(stdout, stderr) of one task (``rank`` = srun task of a multi-task job)."""
+def log_paths(paths: RunPaths, rec: JobRecord, task_id: str, rank: int = 0) -> tuple[Path, Path]:
+    """(stdout, stderr) of one task (``rank`` = srun task of a multi-task job), in this run."""
     from submitit.core.utils import JobPaths
 
-    paths = JobPaths(rec.folder, job_id=task_id, task_id=rank)
-    return paths.stdout, paths.stderr
+    if rec.executor == "inline":
+        raise CnncamError(
+            f"the {rec.kind} job ran inline: its output went to the terminal that ran it, and "
+            "cnncam keeps no log files for inline jobs"
+        )
+    jp = JobPaths(task_folder(paths, task_id), job_id=task_id, task_id=rank)
+    return jp.stdout, jp.stderr
 
 
 def read_from(path: Path, offset: int) -> tuple[str, int]:
@@ -266,6 +291,7 @@ def read_from(path: Path, offset: int) -> tuple[str, int]:
 
 
 def follow_logs(
+    paths: RunPaths,
     rec: JobRecord,
     task_id: str,
     rank: int,
@@ -275,7 +301,7 @@ def follow_logs(
     timeout_s: float | None = None,
 ) -> None:
     """Print stdout and stderr as they grow until the task ends (or ``timeout_s``)."""
-    out, err = log_paths(rec, task_id, rank)
+    out, err = log_paths(paths, rec, task_id, rank)
     offsets = {out: 0, err: 0}
     start = time.monotonic()
     while True:
@@ -292,7 +318,7 @@ def follow_logs(
 def cancel_jobs(paths: RunPaths, run: Runner = _run) -> list[str]:
     """Cancel every unfinished job of the run (one scancel call); returns the cancelled ids."""
     records = require_records(paths)
-    rows = job_status(records, run)
+    rows = job_status(records, run, paths)
     active = {r.job_id for r in rows if not r.done}
     cancelled: list[str] = []
     slurm_ids = sorted(
@@ -308,7 +334,7 @@ def cancel_jobs(paths: RunPaths, run: Runner = _run) -> list[str]:
     for rec in records:
         if rec.executor == "local" and any(t in active for t in rec.tasks):
             for pid in rec.tasks:
-                if _is_local_controller(int(pid)):
+                if pid.isdigit() and _is_local_controller(int(pid)):
                     os.kill(int(pid), signal.SIGINT)  # what submitit's LocalJob.cancel sends
             rec.cancelled = True
             cancelled.append(rec.job_id)

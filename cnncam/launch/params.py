@@ -58,6 +58,23 @@ _MANAGED: dict[str, str | None] = {
     "constraint": "--constraint",
     "job-name": "--job-name",
 }
+# sbatch's one-letter forms of the managed options (man sbatch).
+_MANAGED_SHORT = {
+    "a": "array",
+    "A": "account",
+    "C": "constraint",
+    "c": "cpus-per-task",
+    "d": "dependency",
+    "e": "error",
+    "G": "gpus",
+    "J": "job-name",
+    "N": "nodes",
+    "n": "ntasks",
+    "o": "output",
+    "p": "partition",
+    "q": "qos",
+    "t": "time",
+}
 TIME_FORMATS = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 
 
@@ -97,6 +114,9 @@ def parse_extra_sbatch(lines: Iterable[str]) -> dict[str, str | bool]:
     """``["--exclusive", "--reservation=x"]`` → ``{"exclusive": True, "reservation": "x"}``."""
     out: dict[str, str | bool] = {}
     for line in lines:
+        short = re.match(r"-([A-Za-z])", line.strip())
+        if short is not None and short.group(1) in _MANAGED_SHORT:
+            _refuse_managed(f"-{short.group(1)}", [_MANAGED_SHORT[short.group(1)]])
         m = _OPTION.fullmatch(line.strip())
         if m is None or _CONTROL.search(line):
             raise ConfigError(
@@ -104,12 +124,20 @@ def parse_extra_sbatch(lines: Iterable[str]) -> dict[str, str | bool]:
                 "'--key=value', without newlines (e.g. --exclusive, --reservation=foo)"
             )
         key, value = m.group(1), m.group(2)
-        if key in _MANAGED:
-            instead = _MANAGED[key]
-            hint = f"use {instead} (or the matching slurm.* key)" if instead else "the launcher sets it"
-            raise ConfigError(f"slurm.extra_sbatch may not set --{key}: {hint}")
+        # sbatch (getopt_long) expands an unambiguous prefix: --arr is --array, --dep --dependency.
+        managed = [key] if key in _MANAGED else [name for name in _MANAGED if name.startswith(key)]
+        if managed:
+            _refuse_managed(f"--{key}", managed)
         out[key] = True if value is None else value
     return out
+
+
+def _refuse_managed(given: str, managed: list[str]) -> None:
+    hints = [f"use {_MANAGED[m]} (or the matching slurm.* key)" for m in managed if _MANAGED[m]]
+    names = " or ".join(f"--{m}" for m in managed)
+    means = "" if given == f"--{managed[0]}" else f" (sbatch reads it as {names})"
+    hint = "; ".join(dict.fromkeys(hints)) or "the launcher sets it"
+    raise ConfigError(f"slurm.extra_sbatch may not set {given}{means}: {hint}")
 
 
 def parse_time(text: str) -> int:

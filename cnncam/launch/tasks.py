@@ -20,11 +20,16 @@ checkpoint and returns "interrupted".  Then:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
 import os
 import signal
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -34,7 +39,12 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from cnncam.config import RunConfig
 from cnncam.errors import LaunchError
+from cnncam.runlock import hold_run
+from cnncam.runlock import pid_alive as pid_alive
+from cnncam.runs import atomic_write_json
 from cnncam.stop import StopFlag
+
+log = logging.getLogger(__name__)
 
 TERMINATED_EXIT = 128 + signal.SIGTERM
 
@@ -88,22 +98,95 @@ def export_local_dist_env(env: dict[str, str] | os._Environ[str] = os.environ) -
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# Task state: plain JSON the task writes itself, so that `status` never unpickles a result.
+
+TASK_STATES = ("RUNNING", "COMPLETED", "FAILED", "CANCELLED", "INTERRUPTED")
+
+
+def state_file(folder: Path, job_id: str, rank: int = 0) -> Path:
+    """``<submitit folder>/<job id>_<rank>_state.json``, beside submitit's logs."""
+    return Path(folder) / f"{job_id}_{rank}_state.json"
+
+
+def read_state(path: Path) -> str | None:
+    """The state a task recorded, or None (no file, or not one of ours).  Read bounded: the
+    file is run-folder content, possibly foreign, and only plain JSON is ever parsed."""
+    try:
+        with Path(path).open("rb") as f:
+            raw = json.loads(f.read(65536))
+    except (OSError, ValueError):
+        return None
+    state = raw.get("state") if isinstance(raw, dict) else None
+    return state if state in TASK_STATES else None
+
+
+def _own_state_file() -> Path | None:
+    if os.environ.get("SUBMITIT_EXECUTOR") not in ("slurm", "local") or "SUBMITIT_FOLDER" not in os.environ:
+        return None
+    from submitit import JobEnvironment
+
+    env = JobEnvironment()
+    return state_file(env.paths.folder, env.job_id, env.global_rank)
+
+
+def _write_state(path: Path, state: str, error: str = "") -> None:
+    info = {"state": state, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    try:
+        atomic_write_json(path, {**info, **({"error": error[:2000]} if error else {})})
+    except OSError as e:  # the task's own outcome matters more than its bookkeeping
+        log.warning("could not record the task state in %s: %s", path, e)
+
+
+@contextlib.contextmanager
+def recorded_state(final: bool = True) -> Iterator[None]:
+    """Record RUNNING, then how the work ended, in this task's state file (inside jobs only).
+
+    ``final=False`` (a wait before the work) records a failure but never COMPLETED, which would
+    start the jobs waiting for this one too early.
+    """
+    path = _own_state_file()
+    if path is None:
+        yield
+        return
+    _write_state(path, "RUNNING")
+    try:
+        yield
+    except KeyboardInterrupt:  # `cancel` of a local job sends SIGINT
+        _write_state(path, "CANCELLED")
+        raise
+    except SystemExit:  # requeued or terminated at a checkpoint
+        _write_state(path, "INTERRUPTED")
+        raise
+    except BaseException as e:
+        _write_state(path, "FAILED", f"{type(e).__name__}: {e}")
+        raise
+    if final:
+        _write_state(path, "COMPLETED")
+
+
 @dataclass(frozen=True)
 class LaunchTask(Checkpointable):
-    """Base class: signal wiring around :meth:`run`, which subclasses implement."""
+    """Base class: state file, run lock and signal wiring around :meth:`run`, which subclasses
+    implement."""
 
     def run(self, stop: StopFlag) -> tuple[str, Any]:
         """Do the work; return ("completed" | "interrupted", result)."""
         raise NotImplementedError
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """The run lock this task holds while it works (see :mod:`cnncam.runlock`); none by default."""
+        return contextlib.nullcontext()
 
     def __call__(self) -> Any:
         stop = StopFlag()
         in_job = os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local")
         handlers = StopHandlers(stop) if in_job else None
         export_local_dist_env()
-        status, result = self.run(stop)
-        if status == "interrupted" and handlers is not None:
-            handlers.finish_interrupted()
+        with recorded_state(), self.lock():
+            status, result = self.run(stop)
+            if status == "interrupted" and handlers is not None:
+                handlers.finish_interrupted()
         return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
@@ -114,6 +197,9 @@ class LaunchTask(Checkpointable):
 @dataclass(frozen=True)
 class TrainTask(LaunchTask):
     cfg: RunConfig
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        return hold_run(self.cfg.run_dir, "exclusive", "train")
 
     def run(self, stop: StopFlag) -> tuple[str, Any]:
         from cnncam.train import run_training
@@ -128,6 +214,9 @@ class CamShardTask(LaunchTask):
     shard: int
     num_shards: int
 
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        return hold_run(self.cfg.run_dir, "shared", "cam export")
+
     def run(self, stop: StopFlag) -> tuple[str, Any]:
         from cnncam.cam.export import export_shard
 
@@ -141,6 +230,9 @@ class CamShardTask(LaunchTask):
 class MergeTask(LaunchTask):
     cfg: RunConfig
     num_shards: int
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        return hold_run(self.cfg.run_dir, "shared", "merge")
 
     def run(self, stop: StopFlag) -> tuple[str, Any]:
         from cnncam.cam.export import merge
@@ -159,7 +251,8 @@ class ReportTask(LaunchTask):
 
         cams = Path(self.cams) if self.cams else None
         out = Path(self.out) if self.out else None
-        return "completed", build_report(self.cfg.run_dir, cams, out, self.cfg.report)
+        # The whole config, as the CLI resolved it (--run folder, --set cam.out / data.root...).
+        return "completed", build_report(self.cfg.run_dir, cams, out, self.cfg.report, self.cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,41 +261,27 @@ class ReportTask(LaunchTask):
 
 @dataclass(frozen=True)
 class LocalDep:
-    """A local job to wait for: its controller PID and the result pickle of its task 0."""
+    """A local job to wait for: its controller PID and the state file of its task 0."""
 
     pid: int
-    result: str
+    state: str
 
 
-def pid_alive(pid: int) -> bool:
-    """Alive and not a zombie (a finished child not yet reaped still passes ``kill -0``)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
-def read_result(path: Path) -> tuple[str, Any] | None:
-    """submitit's ``("success" | "error", value)`` result pickle, or None when absent."""
-    from submitit.core.utils import pickle_load
-
-    if not path.exists():
-        return None
-    return pickle_load(path)  # type: ignore[no-any-return]
+_PENDING = ("RUNNING", "INTERRUPTED", None)  # a local job being requeued says INTERRUPTED meanwhile
 
 
 def wait_for_local(deps: tuple[LocalDep, ...], poll_s: float = 0.5) -> None:
-    """Block until every dependency succeeded (``afterok``); raise if one failed or vanished."""
+    """Block until every dependency completed (``afterok``); raise if one failed or vanished."""
     pending = list(deps)
     while pending:
         for dep in list(pending):
-            outcome = read_result(Path(dep.result))
-            if outcome is None and not pid_alive(dep.pid):
-                outcome = read_result(Path(dep.result)) or ("error", "ended without a result")
-            if outcome is None:
+            state = read_state(Path(dep.state))
+            if state in _PENDING and not pid_alive(dep.pid):
+                state = read_state(Path(dep.state))
+                state = "FAILED" if state in _PENDING else state  # it ended without saying so
+            if state in _PENDING:
                 continue
-            if outcome[0] != "success":
+            if state != "COMPLETED":
                 raise LaunchError(f"dependency (local job {dep.pid}) failed, so this job does not run")
             pending.remove(dep)
         if pending:
@@ -218,7 +297,8 @@ class AfterOk(Checkpointable):
 
     def __call__(self) -> Any:
         print(f"waiting for local jobs {[d.pid for d in self.deps]}", file=sys.stderr, flush=True)
-        wait_for_local(self.deps)
+        with recorded_state(final=False):  # a failed dependency fails this job too
+            wait_for_local(self.deps)
         return self.task()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:

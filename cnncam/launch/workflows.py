@@ -92,7 +92,7 @@ def retry_failed(launcher: Launcher, step: ShardedStep) -> list[JobRecord]:
     """Resubmit the shards that are not complete, then a new merge."""
     records = load_records(launcher.paths)
     shard_records = [r for r in records if r.kind == step.kind]
-    busy = [row.job_id for row in job_status(shard_records) if not row.done]
+    busy = [row.job_id for row in job_status(shard_records, paths=launcher.paths) if not row.done]
     if busy:
         raise LaunchError(
             f"{step.kind} shard jobs still queued or running: {', '.join(busy)}; "
@@ -120,7 +120,7 @@ def retry_failed(launcher: Launcher, step: ShardedStep) -> list[JobRecord]:
 def _cancel_orphan_merges(launcher: Launcher, records: Sequence[JobRecord]) -> None:
     # A merge whose array failed stays PENDING (DependencyNeverSatisfied) forever: drop it.
     merges = [r for r in records if r.kind == "merge" and r.executor == "slurm" and not launcher.dry_run]
-    pending = [row.job_id for row in job_status(merges) if row.state == "PENDING"]
+    pending = [row.job_id for row in job_status(merges, paths=launcher.paths) if row.state == "PENDING"]
     if pending:
         import subprocess
 
@@ -133,7 +133,8 @@ def ensure_idle(launcher: Launcher, kinds: Sequence[str]) -> None:
     if launcher.dry_run:
         return
     records = [r for r in load_records(launcher.paths) if r.kind in kinds and r.executor != "inline"]
-    busy = [f"{row.job_id} ({row.kind}, {row.state})" for row in job_status(records) if not row.done]
+    rows = job_status(records, paths=launcher.paths)
+    busy = [f"{row.job_id} ({row.kind}, {row.state})" for row in rows if not row.done]
     if busy:
         raise LaunchError(
             f"jobs of this run are still queued or running: {', '.join(busy)}; wait for "
@@ -160,7 +161,7 @@ def launch_cam(
         n = shards if shards is not None else recorded_num_shards(launcher, "cam")
         return retry_failed(launcher, cam_step(cfg, n))
     ensure_idle(launcher, ("cam", "merge"))
-    return submit_sharded(launcher, cam_step(cfg, shards or 1))
+    return submit_sharded(launcher, cam_step(cfg, 1 if shards is None else shards))
 
 
 def launch_merge(launcher: Launcher, cfg: RunConfig, shards: int | None) -> list[JobRecord]:
@@ -174,9 +175,11 @@ def launch_report(launcher: Launcher, cfg: RunConfig, cams: str | None, out: str
 
 
 def launch_pipeline(launcher: Launcher, cfg: RunConfig, shards: int | None) -> list[JobRecord]:
+    n = 1 if shards is None else shards
+    check_shards(n)  # before the training job is submitted
     ensure_idle(launcher, ("train", "cam", "merge"))
     train = launcher.submit("train", [TrainTask(cfg)])
-    array, merge = submit_sharded(launcher, cam_step(cfg, shards or 1), after=[train])
+    array, merge = submit_sharded(launcher, cam_step(cfg, n), after=[train])
     report = launcher.submit("report", [ReportTask(cfg)], [merge])
     return [train, array, merge, report]
 

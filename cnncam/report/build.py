@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cnncam.cam.viz import colormap_lut
-from cnncam.config import ReportConfig, RunConfig
+from cnncam.config import ReportConfig, RunConfig, load_config
 from cnncam.errors import CamError, ConfigError
 from cnncam.export_only import export_only_facts, is_export_only
 from cnncam.report import html as H
@@ -37,6 +37,7 @@ from cnncam.runs import (
     load_run,
     read_classes,
     read_metrics,
+    require_run_folder,
 )
 from cnncam.storage import MERGED_FILENAME, CamFile, open_cams
 
@@ -52,19 +53,30 @@ FIGURE_DIR = re.compile(r"^figures-\d{8}T\d{6}-[0-9a-f]{8}$")
 
 
 def build_report(
-    run_dir: Path, cams: Path | None = None, out: Path | None = None, cfg: ReportConfig | None = None
+    run_dir: Path,
+    cams: Path | None = None,
+    out: Path | None = None,
+    cfg: ReportConfig | None = None,
+    run_cfg: RunConfig | None = None,
 ) -> Path:
     """Build the offline report of ``run_dir`` and return the path of its ``index.html``.
 
     Parameters
     ----------
-    run_dir : a cnncam run directory (``config.yaml`` required; everything else optional).
+    run_dir : a cnncam run directory (``config.yaml`` required; everything else optional).  Its
+        files are read from where it is now: a copied or moved run never reads the original's.
     cams : CAM file to show (merged ``cams.h5`` or one part); None = ``cams.h5`` in ``cam.out`` (default
         ``<run>/cams``) if present, else a report without CAMs.
     out : output folder; None = ``<run>/report``.
     cfg : report settings; None = the run config's ``report`` section.
+    run_cfg : the run's config as the caller resolved it (the CLI's ``--set cam.out=...``,
+        ``data.root=...``); None = ``config.yaml`` of ``run_dir``.
     """
-    run_cfg, paths = load_run(run_dir)
+    if run_cfg is None:
+        run_cfg, paths = load_run(run_dir)
+    else:
+        paths = require_run_folder(run_dir)
+    saved_runs_dir = _saved_runs_dir(paths)
     rc = cfg if cfg is not None else run_cfg.report
     try:
         colormap_lut(rc.colormap)
@@ -76,7 +88,7 @@ def build_report(
     build_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.urandom(4).hex()}"
     figs = S.FigureWriter(out / f"figures-{build_id}", rc.dpi)
     try:
-        sections, summary = _build(run_cfg, paths, cams_path, rc, figs)
+        sections, summary = _build(run_cfg, paths, cams_path, rc, figs, saved_runs_dir)
         summary.update(
             build=build_id,
             generated_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -99,8 +111,19 @@ def _default_cams(cfg: RunConfig, paths: RunPaths) -> Path | None:
     return merged if merged.is_file() else None
 
 
+def _saved_runs_dir(paths: RunPaths) -> str:
+    """``runs_dir`` as saved in config.yaml (the CLI's folder wins over it, but a relative
+    ``data.root`` was relative to the folder that held it)."""
+    return load_config(paths.config).runs_dir
+
+
 def _build(
-    cfg: RunConfig, paths: RunPaths, cams_path: Path | None, rc: ReportConfig, figs: S.FigureWriter
+    cfg: RunConfig,
+    paths: RunPaths,
+    cams_path: Path | None,
+    rc: ReportConfig,
+    figs: S.FigureWriter,
+    saved_runs_dir: str,
 ) -> tuple[list[tuple[str, str, H.Raw]], dict[str, Any]]:
     records = read_metrics(paths.metrics) if paths.metrics.is_file() else []
     c = curves(records)
@@ -145,7 +168,7 @@ def _build(
         source = f"{cams_path.name} ({cams.attrs.get('split')} split)"
         html, summary["confusion"] = S.classification_section(result.confusion, names, source, figs)
         sections.append(("classification", "Confusion", html))
-        root = image_root(cfg, paths)
+        root = image_root(cfg, paths, saved_runs_dir)
         html, galleries = S.gallery_section(cams, result, keys, rc, cfg.data, root, figs)
         sections.append(("galleries", "Galleries", html))
         html, means = S.means_section(cams, result, keys, rc, figs)
@@ -170,14 +193,16 @@ def _build(
     return sections, summary
 
 
-def image_root(cfg: RunConfig, paths: RunPaths) -> Path:
+def image_root(cfg: RunConfig, paths: RunPaths, saved_runs_dir: str | None = None) -> Path:
     """``data.root``; a relative root that does not exist from here is tried relative to the
-    folder that held ``runs_dir`` (the report may run from another working directory)."""
+    folder that held ``runs_dir`` (the report may run from another working directory).
+    ``saved_runs_dir``: the runs_dir the run was trained with (default ``cfg.runs_dir``)."""
     root = Path(cfg.data.root)
-    if root.is_absolute() or root.is_dir() or Path(cfg.runs_dir).is_absolute():
+    runs_dir = Path(saved_runs_dir if saved_runs_dir is not None else cfg.runs_dir)
+    if root.is_absolute() or root.is_dir() or runs_dir.is_absolute():
         return root
     base = paths.root.resolve()
-    for _ in range(len(Path(cfg.runs_dir).parts) + 1):  # <base>/<runs_dir>/<name> -> <base>
+    for _ in range(len(runs_dir.parts) + 1):  # <base>/<runs_dir>/<name> -> <base>
         base = base.parent
     return base / root if (base / root).is_dir() else root
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,14 @@ from cnncam.data import (
     save_index,
     train_transform,
 )
+from cnncam.data.splits import read_hashes, split_state
+from cnncam.errors import DataError
 from cnncam.models import create_model
 from cnncam.runs import RunPaths
 from cnncam.train import distributed as D
 from cnncam.train.sampler import EpochBatchSampler
+
+log = logging.getLogger("cnncam.train")
 
 
 @dataclass
@@ -46,13 +51,22 @@ def load_or_discover(cfg: RunConfig, paths: RunPaths, dist: D.DistInfo) -> Datas
     """The run's split: read from the run dir when saved (resume, CAM export), else discover once.
 
     Rank 0 scans and writes; the other ranks wait and read the same files, so every rank
-    trains on the identical split.
+    trains on the identical split.  A split that a killed start left incomplete is written
+    again (discovery is deterministic); one changed after training began is refused.
     """
     root = Path(cfg.data.root)
-    if not paths.split_file("train").exists():
-        if dist.is_main:
-            save_index(discover(cfg.data, cfg.seed), paths)
-        D.barrier()
+    if dist.is_main:
+        state, why = split_state(paths)
+        if state == "changed" and paths.last_ckpt.is_file():
+            raise DataError(
+                f"the saved split of run {paths.root} was changed after training began ({why}); "
+                "restore it, or train a new run"
+            )
+        if state in ("none", "partial", "changed"):
+            if state != "none":
+                log.info("the split of %s is incomplete (%s): writing it again", paths.root, why)
+            save_index(discover(cfg.data, cfg.seed, read_hashes(paths)), paths)
+    D.barrier()  # every rank, always: the split is complete on disk after it
     return load_index(paths, root)
 
 

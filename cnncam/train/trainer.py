@@ -214,11 +214,12 @@ class Trainer:
             val_loss, val_acc = train_loss, train_acc
         monitored = val_acc if self.tc.monitor == "val_accuracy" else val_loss
         log.info(
-            "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e",
+            "epoch %d/%d: train loss %.4f acc %.4f | %s loss %.4f acc %.4f | lr %.2e",
             self.epoch + 1,
             self.tc.epochs,
             train_loss,
             train_acc,
+            "val" if self.val_loader is not None else "no val split, monitoring train",
             val_loss,
             val_acc,
             lr,
