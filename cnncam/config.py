@@ -83,6 +83,9 @@ class DataConfig:
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
     # Images with more pixels are refused as decompression bombs (PIL's default limit).
     max_image_pixels: int = 89_478_485
+    # Sanity check (data randomisation, Adebayo et al. 2018): train on the train split's labels
+    # shuffled among its images with a fixed seed.  Saved splits and val/test keep the true labels.
+    permute_labels: bool = False
 
     def __post_init__(self) -> None:
         _positive("data.image_size", self.image_size)
@@ -241,6 +244,45 @@ class ReportConfig:
             raise ConfigError(f"report.dpi must be within [20, 600], got {self.dpi}")
 
 
+SanityMode = Literal["cascading", "independent"]
+SANITY_TARGETS = re.compile(r"^(pred|label|class:\d+)$")
+
+
+@dataclass(frozen=True)
+class SanityConfig:
+    """``launch.py sanity``: the model- and data-randomisation tests (cnncam.cam.sanity)."""
+
+    images: int = 64  # fixed, seeded sample of the split
+    split: Split | None = None  # None = cam.split
+    methods: tuple[CamMethod, ...] = ()  # empty = cam.methods
+    modes: tuple[SanityMode, ...] = ("cascading", "independent")
+    targets: str = "pred"  # pred (of the trained model) | label | class:<i>; fixed for every model
+    seed: int = 0  # sample and per-unit random weights
+    examples: int = 3  # images whose maps the report shows at every step
+    batch_size: int = 64  # images per CAM engine call
+    # Flag a method whose mean similarity after `flag_depth` cascading steps is still >= threshold.
+    flag_metric: Literal["ssim", "spearman_abs", "spearman"] = "ssim"
+    flag_depth: int = 2
+    flag_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive("sanity.images", self.images)
+        _positive("sanity.batch_size", self.batch_size)
+        _positive("sanity.flag_depth", self.flag_depth)
+        if not self.modes:
+            raise ConfigError(
+                "sanity.modes must name at least one mode. Valid choices: cascading, independent"
+            )
+        if not SANITY_TARGETS.match(self.targets):
+            raise ConfigError(
+                f"sanity.targets {self.targets!r} is invalid. Valid choices: pred, label, class:<i>"
+            )
+        if self.examples < 0:
+            raise ConfigError(f"sanity.examples must be >= 0, got {self.examples}")
+        if not -1 <= self.flag_threshold <= 1:
+            raise ConfigError(f"sanity.flag_threshold must be within [-1, 1], got {self.flag_threshold}")
+
+
 @dataclass(frozen=True)
 class SlurmConfig:
     executor: Literal["auto", "slurm", "local", "inline"] = "auto"
@@ -300,6 +342,7 @@ class RunConfig:
     cam: CamConfig = field(default_factory=CamConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    sanity: SanityConfig = field(default_factory=SanityConfig)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
