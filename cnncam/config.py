@@ -205,6 +205,11 @@ class CamConfig:
     relu: bool = True  # ReLU on the maps (the papers' convention); false keeps signed maps
     deletion_baseline: Literal["zero", "blur"] = "zero"  # what deleted pixels become (cam.metrics)
     durable: bool = True  # fsync the part file after every batch; false: faster, a crash may redo it
+    # Faithfulness (issue 11): ROAD scores and the batching of the metrics' forwards.
+    road: bool = False  # ROAD MoRF/LeRF per image (Rong et al., ICML 2022); noisy linear imputation
+    road_percentiles: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+    road_noise: float = 0.01  # std of the noise added to imputed pixels (the paper's value)
+    metric_batch_size: int | None = None  # perturbed images per metric forward; None = cam.batch_size
 
     def __post_init__(self) -> None:
         if not TARGET_PATTERN.match(self.targets):
@@ -216,6 +221,12 @@ class CamConfig:
         _positive("cam.batch_size", self.batch_size)
         _positive("cam.metric_steps", self.metric_steps)
         _positive("cam.queue_size", self.queue_size)
+        if self.metric_batch_size is not None:
+            _positive("cam.metric_batch_size", self.metric_batch_size)
+        if not self.road_percentiles or any(not 0 < p < 100 for p in self.road_percentiles):
+            raise ConfigError(f"cam.road_percentiles must lie in (0, 100), got {list(self.road_percentiles)}")
+        if self.road_noise < 0:
+            raise ConfigError(f"cam.road_noise must be >= 0, got {self.road_noise}")
 
 
 @dataclass(frozen=True)
