@@ -101,13 +101,9 @@ def deletion_insertion(
         raise CamError(f"steps must be >= 1, got {steps}")
     if deletion_baseline not in ("zero", "blur"):
         raise CamError(f"unknown deletion_baseline {deletion_baseline!r}. Valid choices: zero, blur")
-    device = model_device(model, images.device)
-    images = images.to(device).float()
+    images, maps, targets = metric_inputs(model, images, maps, targets)
+    device = images.device
     n, _, height, width = images.shape
-    maps = as_maps(maps, n).to(device)
-    targets = targets.to(device).long().reshape(-1)
-    if targets.shape[0] != n:
-        raise CamError(f"targets has {targets.shape[0]} entries but the batch has {n} images")
     rank = _pixel_rank(upsample(maps, (height, width)).flatten(1))  # (N, HW)
     counts = torch.round(torch.linspace(0, height * width, steps + 1, device=device)).long()
     fractions = counts.float() / (height * width)
@@ -137,6 +133,20 @@ def deletion_insertion(
         del_curve,
         ins_curve,
     )
+
+
+def metric_inputs(
+    model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Images (N, C, H, W) float32, maps (N, h, w) and targets (N,) long on the model's device, checked."""
+    device = model_device(model, images.device)
+    images = images.to(device).float()
+    n = images.shape[0]
+    maps = as_maps(maps, n).to(device)
+    targets = targets.to(device).long().reshape(-1)
+    if targets.shape[0] != n:
+        raise CamError(f"targets has {targets.shape[0]} entries but the batch has {n} images")
+    return images, maps, targets
 
 
 def _pixel_rank(saliency: Tensor) -> Tensor:

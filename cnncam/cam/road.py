@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnncam.cam.faithfulness import as_maps, stacked_scores
-from cnncam.cam.layers import frozen_eval, model_device
+from cnncam.cam.faithfulness import metric_inputs, stacked_scores
+from cnncam.cam.layers import frozen_eval
 from cnncam.cam.viz import normalize, upsample
 from cnncam.errors import CamError
 
@@ -176,13 +176,9 @@ def road(
     """
     if not percentiles or any(not 0 < p < 100 for p in percentiles):
         raise CamError(f"ROAD percentiles must lie strictly between 0 and 100, got {list(percentiles)}")
-    device = model_device(model, images.device)
-    images = images.to(device).float()
+    images, maps, targets = metric_inputs(model, images, maps, targets)
+    device = images.device
     n, c, height, width = images.shape
-    maps = as_maps(maps, n).to(device)
-    targets = targets.to(device).long().reshape(-1)
-    if targets.shape[0] != n:
-        raise CamError(f"targets has {targets.shape[0]} entries but the batch has {n} images")
     saliency = normalize(upsample(maps.float(), (height, width)))
     keys = torch.arange(n) if noise_keys is None else noise_keys.reshape(-1).cpu().long()
     fields = None
