@@ -162,6 +162,19 @@ class ReportTask(LaunchTask):
         return "completed", build_report(self.cfg.run_dir, cams, out, self.cfg.report)
 
 
+@dataclass(frozen=True)
+class SanityTask(LaunchTask):
+    """Sanity checks of a trained run (``launch.py sanity``); ``permuted`` = the permuted-label run."""
+
+    cfg: RunConfig
+    permuted: str | None = None
+
+    def run(self, stop: StopFlag) -> tuple[str, Any]:
+        from cnncam.cam.sanity_run import run_sanity
+
+        return "completed", run_sanity(self.cfg, Path(self.permuted) if self.permuted else None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Dependencies for the local executor, which has no `--dependency`.
 
