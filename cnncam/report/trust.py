@@ -14,7 +14,7 @@ Four parts, each with one sentence of reading help, shown when their data exist:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -286,65 +286,15 @@ def _metrics(stats: dict[Key, KeyStats]) -> tuple[list[object], dict[str, Any]]:
         f"{k[0]}/{k[1]}": {n: {"mean": _fmt(c.mean), "n": c.count} for n, c in st.columns.items()}
         for k, st in stats.items()
     }
-    loc = {k: st for k, st in stats.items() if any(n in st.columns for n in LOCALISATION)}
-    if loc:
-        body += [
-            H.tag("h3", "Localisation, beside trivial baselines"),
-            H.para(
-                "Reading help: a localisation score means something only above its baseline on the same "
-                "images: always pointing at the image centre, or a flat map that spreads its energy "
-                "evenly; a method at or below its baseline localises no better than a guess."
-            ),
-            H.table(
-                [
-                    "method",
-                    "layer",
-                    "images",
-                    "pointing (15 px)",
-                    "centre baseline",
-                    "pointing (exact)",
-                    "centre baseline (exact)",
-                    "energy in box",
-                    "box-area baseline",
-                ],
-                [_loc_row(k, st) for k, st in loc.items()],
-            ),
-        ]
-    road = {k: st for k, st in stats.items() if "road_morf" in st.columns}
-    if road:
-        body += [
-            H.tag("h3", "ROAD (remove and debias)"),
-            H.para(
-                "Reading help: the pixels a faithful map ranks highest carry the class, so removing them "
-                "first (MoRF) should drop the class probability far more than removing the lowest-ranked "
-                "first (LeRF); the gap LeRF - MoRF should be clearly above 0."
-            ),
-            H.table(
-                [
-                    "method",
-                    "layer",
-                    "images",
-                    "MoRF (lower is better)",
-                    "LeRF (higher is better)",
-                    "LeRF - MoRF",
-                ],
-                [_road_row(k, st) for k, st in road.items()],
-            ),
-        ]
-    di = {k: st for k, st in stats.items() if "deletion_auc" in st.columns}
-    if di:
-        body += [
-            H.tag("h3", "Deletion and insertion"),
-            H.para(
-                "Reading help: deleting the map's top pixels first should kill the class score quickly (low "
-                "deletion AUC) and revealing them first should restore it quickly (high insertion AUC); "
-                "insertion minus deletion near 0 means the ranking says little."
-            ),
-            H.table(
-                ["method", "layer", "images", "deletion AUC", "insertion AUC", "insertion - deletion"],
-                [_di_row(k, st) for k, st in di.items()],
-            ),
-        ]
+    for title, reading, headers, selector, row in _PARTS:
+        keys = [k for k, st in stats.items() if selector in st.columns]
+        if keys:
+            rows = [(k[0], k[1], *row(stats[k])) for k in keys]
+            body += [
+                H.tag("h3", title),
+                H.para(reading),
+                H.table(["method", "layer", "images", *headers], rows),
+            ]
     return body, summary
 
 
@@ -352,23 +302,46 @@ def _diff(a: float | None, b: float | None) -> object:
     return None if a is None or b is None else round(a - b, 4)
 
 
-def _loc_row(key: Key, st: KeyStats) -> Sequence[object]:
+def _loc_row(st: KeyStats) -> tuple[object, ...]:
     c = st.columns
-    get = lambda n: _fmt(c[n].mean) if n in c else None  # noqa: E731
-    n = max((c[k].count for k in LOCALISATION if k in c), default=0)
-    return (
-        key[0], key[1], n,
-        get("pointing_hit"), get("pointing_hit:baseline"),
-        get("pointing_hit_exact"), get("pointing_hit_exact:baseline"),
-        get("energy_in_box"), get("energy_in_box:baseline"),
-    )  # fmt: skip
+    names = ("pointing_hit", "pointing_hit_exact", "energy_in_box")
+    values = [_fmt(c[n].mean) if n in c else None for m in names for n in (m, m + ":baseline")]
+    return (max((c[n].count for n in names if n in c), default=0), *values)
 
 
-def _road_row(key: Key, st: KeyStats) -> Sequence[object]:
-    morf, lerf = st.columns["road_morf"].mean, st.col("road_lerf").mean
-    return (key[0], key[1], st.columns["road_morf"].count, _fmt(morf), _fmt(lerf), _diff(lerf, morf))
+def _pair_row(st: KeyStats, first: str, second: str) -> tuple[object, ...]:
+    a, b = st.col(first).mean, st.col(second).mean
+    return (st.col(first).count, _fmt(a), _fmt(b), _diff(b, a))
 
 
-def _di_row(key: Key, st: KeyStats) -> Sequence[object]:
-    dele, ins = st.columns["deletion_auc"].mean, st.col("insertion_auc").mean
-    return (key[0], key[1], st.columns["deletion_auc"].count, _fmt(dele), _fmt(ins), _diff(ins, dele))
+# (title, reading help, headers after method/layer/images, the metric that selects a key, row builder)
+_PARTS: tuple[tuple[str, str, tuple[str, ...], str, Callable[[KeyStats], tuple[object, ...]]], ...] = (
+    (
+        "Localisation, beside trivial baselines",
+        "Reading help: a localisation score means something only above its baseline on the same images: "
+        "always pointing at the image centre, or a flat map that spreads its energy evenly; a method at or "
+        "below its baseline localises no better than a guess.",
+        ("pointing (15 px)", "centre baseline", "pointing (exact)", "centre baseline (exact)",
+         "energy in box", "box-area baseline"),
+        "pointing_hit",
+        _loc_row,
+    ),
+    (
+        "ROAD (remove and debias)",
+        "Reading help: the pixels a faithful map ranks highest carry the class, so removing them first "
+        "(MoRF) should drop the class probability far more than removing the lowest-ranked first (LeRF); "
+        "the gap LeRF - MoRF should be clearly above 0.",
+        ("MoRF (lower is better)", "LeRF (higher is better)", "LeRF - MoRF"),
+        "road_morf",
+        lambda st: _pair_row(st, "road_morf", "road_lerf"),
+    ),
+    (
+        "Deletion and insertion",
+        "Reading help: deleting the map's top pixels first should kill the class score quickly (low "
+        "deletion AUC) and revealing them first should restore it quickly (high insertion AUC); insertion "
+        "minus deletion near 0 means the ranking says little.",
+        ("deletion AUC", "insertion AUC", "insertion - deletion"),
+        "deletion_auc",
+        lambda st: _pair_row(st, "deletion_auc", "insertion_auc"),
+    ),
+)  # fmt: skip
