@@ -62,17 +62,18 @@ class Road:
 
 
 def percentile(values: Tensor, q: Tensor) -> Tensor:
-    """NumPy's linear percentile of each row: (N, P) values, (Q,) percents -> (N, Q)."""
+    """NumPy's linear percentile of each row: (N, P) values, (Q,) percents -> (N, Q) float64."""
     sorted_vals = torch.sort(values, dim=1).values
     n = values.shape[1]
     pos = q.to(torch.float64) / 100 * (n - 1)
     lo = pos.floor().long().clamp(0, n - 1)
     hi = (lo + 1).clamp(max=n - 1)
-    t = (pos - lo).to(values.dtype)
+    t = pos - lo
     a, b = sorted_vals[:, lo], sorted_vals[:, hi]
-    diff = b - a
-    # numpy.lib._function_base_impl._lerp: the same float rounding, so the same pixels are kept.
-    return torch.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+    # numpy.lib._function_base_impl._lerp with float64 percents: b - a in the values' dtype, the rest
+    # in float64 (pytorch-grad-cam compares float32 maps with that float64 threshold): same pixels kept.
+    diff = (b - a).double()
+    return torch.where(t >= 0.5, b.double() - diff * (1 - t), a.double() + diff * t)
 
 
 def road_keep_masks(saliency: Tensor, percentiles: Sequence[float], most_relevant: bool) -> Tensor:
@@ -81,7 +82,7 @@ def road_keep_masks(saliency: Tensor, percentiles: Sequence[float], most_relevan
     flat = s.flatten(1)
     q = torch.as_tensor(list(percentiles), dtype=torch.float64, device=s.device)
     thresholds = percentile(flat, q)  # (N, P)
-    return (flat[:, None, :] < thresholds[:, :, None]).view(*s.shape[:1], len(q), *s.shape[1:])
+    return (flat.double()[:, None, :] < thresholds[:, :, None]).view(*s.shape[:1], len(q), *s.shape[1:])
 
 
 def noisy_linear_impute(
