@@ -127,3 +127,56 @@ def test_energy_in_box() -> None:
     energy = energy_in_box(maps, boxes)
     torch.testing.assert_close(energy[:2], torch.tensor([0.25, 1.0]))
     assert torch.isnan(energy[2]) and torch.isnan(energy[3])  # no box; no mass
+
+
+class Counting(nn.Module):
+    """Wraps a model and counts the images it is asked to score."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.images, self.calls = inner, 0, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.images += x.shape[0]
+        self.calls += 1
+        return self.inner(x)
+
+
+def _naive(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor, steps: int, baseline: str) -> tuple:
+    """RISE deletion/insertion written step by step, one forward per step (the definition)."""
+    n, _, h, w = x.shape
+    up = torch.nn.functional.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)
+    order = torch.argsort(up.flatten(1), dim=1, descending=True, stable=True)
+    blurred = gaussian_blur(x)
+    base = torch.zeros_like(x) if baseline == "zero" else blurred
+    dels, inss = [], []
+    for s in range(steps + 1):
+        k = round(s * h * w / steps)
+        top = torch.zeros(n, h * w, dtype=torch.bool)
+        top.scatter_(1, order[:, :k], True)
+        top = top.view(n, 1, h, w)
+        for images, curve in ((torch.where(top, base, x), dels), (torch.where(top, x, blurred), inss)):
+            with torch.no_grad():
+                curve.append(torch.softmax(model(images), 1).gather(1, targets[:, None])[:, 0])
+    return torch.stack(dels, 1), torch.stack(inss, 1)
+
+
+@pytest.mark.parametrize("baseline", ["zero", "blur"])
+def test_batched_curves_equal_the_definition_with_fewer_forwards(baseline: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = _square_images(5) + 0.2 * torch.rand(5, 3, 16, 16, generator=g)
+    maps, targets = torch.rand(5, 4, 4, generator=g), torch.tensor([0, 1, 0, 1, 0])
+    model, steps = Counting(Evidence()), 6
+    want_del, want_ins = _naive(Evidence(), x, maps, targets, steps, baseline)
+    out = deletion_insertion(model, x, maps, targets, steps, batch_size=7, deletion_baseline=baseline)  # type: ignore[arg-type]
+    torch.testing.assert_close(out.deletion_curve, want_del)
+    torch.testing.assert_close(out.insertion_curve, want_ins)
+    # (2S - 1) perturbed images per image, the unperturbed images once, the zero image once
+    assert model.images == 5 * (2 * steps - 1) + 5 + (1 if baseline == "zero" else 0)
+    assert model.calls <= -(-model.images // 7) + 3  # forwards are full chunks across images x steps
+    # the export hands over the scores of its own forward: the unperturbed images are not scored again
+    model.images = 0
+    ref = torch.softmax(Evidence()(x), 1).gather(1, targets[:, None])[:, 0]
+    again = deletion_insertion(model, x, maps, targets, steps, deletion_baseline=baseline, reference=ref)  # type: ignore[arg-type]
+    torch.testing.assert_close(again.deletion, out.deletion)
+    assert model.images == 5 * (2 * steps - 1) + (1 if baseline == "zero" else 0)
