@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,14 @@ import torch
 from torch import Tensor
 
 from cnncam.cam.export_data import build_dataset, load_model, load_split
-from cnncam.cam.sanity import SIMILARITIES, SanityResult, cam_maps, data_randomisation, model_randomisation
+from cnncam.cam.sanity import (
+    SIMILARITIES,
+    MapFn,
+    SanityResult,
+    cam_maps,
+    data_randomisation,
+    model_randomisation,
+)
 from cnncam.cam.viz import denormalize
 from cnncam.config import RunConfig, load_config, to_dict
 from cnncam.console import setup_logging
@@ -51,8 +59,12 @@ def sanity_sample(n_items: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_items, size=min(size, n_items), replace=False)).astype(np.int64)
 
 
-def run_sanity(cfg: RunConfig, permuted: Path | None = None) -> Path:
-    """Run the model-randomisation test (and with ``permuted`` the data test); write ``sanity.h5``."""
+def run_sanity(cfg: RunConfig, permuted: Path | None = None, extra: Sequence[MapFn] = ()) -> Path:
+    """Run the model-randomisation test (and with ``permuted`` the data test); write ``sanity.h5``.
+
+    ``extra`` map functions are checked beside the config's CAM methods (any saliency method, or
+    a deliberately model-independent one to see the check flag it).
+    """
     setup_logging()
     sc = cfg.sanity
     device = select_device("auto", DistInfo())
@@ -69,7 +81,8 @@ def run_sanity(cfg: RunConfig, permuted: Path | None = None) -> Path:
     methods = tuple(sc.methods or cfg.cam.methods)
     map_fn = cam_maps(methods, cfg.cam.layers, cfg.cam.precision, sc.batch_size)
     log.info("sanity: %d images of the %s split, methods %s, modes %s", len(index), split, methods, sc.modes)
-    result = model_randomisation(loaded.model, images, targets, [map_fn], sc.modes, sc.seed, sc.examples)
+    map_fns = [map_fn, *extra]
+    result = model_randomisation(loaded.model, images, targets, map_fns, sc.modes, sc.seed, sc.examples)
     shown = torch.arange(min(sc.examples, len(index)))
     pictures = denormalize(images[shown], loaded.mean, loaded.std).clamp(0, 1)
     data = SanityData(
@@ -88,7 +101,7 @@ def run_sanity(cfg: RunConfig, permuted: Path | None = None) -> Path:
     _log_flags(data)
     if permuted is not None:
         other, sha = _permuted_model(cfg, Path(permuted), loaded.classes, device)
-        sims, maps = data_randomisation(loaded.model, other, images, targets, [map_fn])
+        sims, maps = data_randomisation(loaded.model, other, images, targets, map_fns)
         data.data = {
             key: {
                 **{n: t.cpu().numpy() for n, t in s.as_dict().items()},
