@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from cnncam.cam import deletion_insertion, energy_in_box, pointing_game
 from cnncam.cam.faithfulness import gaussian_blur
 from cnncam.errors import CamError
+from cnncam.localisation import box_area_baseline, centre_baseline, pointing_tolerance
 
 
 class MeanProb(nn.Module):
@@ -180,3 +182,21 @@ def test_batched_curves_equal_the_definition_with_fewer_forwards(baseline: str) 
     again = deletion_insertion(model, x, maps, targets, steps, deletion_baseline=baseline, reference=ref)  # type: ignore[arg-type]
     torch.testing.assert_close(again.deletion, out.deletion)
     assert model.images == 5 * (2 * steps - 1) + (1 if baseline == "zero" else 0)
+
+
+def test_centre_and_box_area_baselines() -> None:
+    boxes = np.array([[10.0, 10.0, 20.0, 20.0], [0.0, 0.0, 8.0, 8.0], [17.0, 0.0, 32.0, 32.0], [np.nan] * 4])
+    # centre pixel (16, 16) has its centre at (16.5, 16.5)
+    np.testing.assert_array_equal(centre_baseline(boxes, 32, 32, 0.0)[:3], [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(centre_baseline(boxes, 32, 32, 1.0)[:3], [1.0, 0.0, 1.0])  # 0.5 px away
+    assert np.isnan(centre_baseline(boxes, 32, 32, 0.0)[3])
+    assert pointing_tolerance(224, 224) == 15.0 and pointing_tolerance(32, 64) == 15.0 * 64 / 224
+    # a uniform map's energy in the box = the box's share of pixel centres, as energy_in_box computes it
+    flat = energy_in_box(torch.ones(3, 32, 32), torch.from_numpy(boxes[:3]).float()).numpy()
+    np.testing.assert_allclose(box_area_baseline(boxes, 32, 32)[:3], flat, rtol=1e-6)
+    assert np.isnan(box_area_baseline(boxes, 32, 32)[3])
+    # the exact pointing game is the tolerance-0 form
+    peak = torch.zeros(1, 32, 32)
+    peak[0, 9, 9] = 1.0
+    box = torch.tensor([[10.0, 10.0, 20.0, 20.0]])
+    assert not pointing_game(peak, box, 0.0)[0] and pointing_game(peak, box, 1.5)[0]

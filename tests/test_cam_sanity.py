@@ -211,3 +211,14 @@ def test_permuted_labels_shuffle_labels_among_images() -> None:
     assert sorted(label for _, label in perm) == sorted(label for _, label in samples)  # same class counts
     assert perm == permuted_labels(samples, seed=0) != permuted_labels(samples, seed=1)
     assert sum(a[1] != b[1] for a, b in zip(perm, samples)) > 10
+
+
+def test_the_report_side_needs_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cnncam.storage.sanity, cnncam.localisation; "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
