@@ -140,6 +140,15 @@ def trust_section(
     """The HTML section and its ``summary.json`` entry; (None, {}) when there is nothing to show."""
     stats = metric_stats(cams) if cams is not None else {}
     body: list[object] = [H.note(note)] if note else []
+    if sanity is not None and cams is not None:
+        theirs, ours = sanity.attrs.get("checkpoint_sha256"), cams.attrs.get("checkpoint_sha256")
+        if theirs != ours:
+            body.append(
+                H.note(
+                    f"The sanity checks were run on another checkpoint (sha256 {str(theirs)[:12]}) than the "
+                    f"CAM file ({str(ours)[:12]}): run `launch.py sanity` again for this one."
+                )
+            )
     summary: dict[str, Any] = {}
     if sanity is not None:
         part, summary["sanity"] = _sanity(sanity, figs, cmap)
