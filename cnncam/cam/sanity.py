@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -197,16 +198,28 @@ def cam_maps(
 
     def maps(model: nn.Module, images: Tensor, targets: Tensor) -> dict[Key, Tensor]:
         parts: dict[Key, list[Tensor]] = {}
-        for start in range(0, images.shape[0], batch_size):
-            sl = slice(start, start + batch_size)
-            out = compute_cams(
-                model, images[sl], methods, layers, targets[sl], precision=precision, relu=False
-            )
-            for key, m in out.maps.items():
-                parts.setdefault(key, []).append(m[:, 0])
+        with _quiet_engine():  # one engine per step: its per-engine info lines would repeat 2L times
+            for start in range(0, images.shape[0], batch_size):
+                sl = slice(start, start + batch_size)
+                out = compute_cams(
+                    model, images[sl], methods, layers, targets[sl], precision=precision, relu=False
+                )
+                for key, m in out.maps.items():
+                    parts.setdefault(key, []).append(m[:, 0])
         return {key: torch.cat(ms) for key, ms in parts.items()}
 
     return maps
+
+
+@contextlib.contextmanager
+def _quiet_engine() -> Iterator[None]:
+    logger = logging.getLogger("cnncam.cam")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _all_maps(
