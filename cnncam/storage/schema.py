@@ -88,7 +88,7 @@ REQUIRED_ATTRS = tuple(
 # more workers or a longer time limit still resumes its own parts.
 VOLATILE_CONFIG_KEYS = tuple(
     "runs_dir slurm report cam.num_workers cam.queue_size cam.out data.num_workers data.pin_memory "
-    "data.persistent_workers cam.durable cam.metric_batch_size sanity".split()
+    "data.persistent_workers cam.durable sanity".split()
 )
 
 
