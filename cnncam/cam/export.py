@@ -45,7 +45,7 @@ from cnncam.cam.export_data import (
 )
 from cnncam.cam.faithfulness import deletion_insertion, energy_in_box, pointing_game
 from cnncam.cam.layers import frozen_eval, probe_model, resolve_layers
-from cnncam.cam.road import road
+from cnncam.cam.road import road_metrics
 from cnncam.cam.viz import normalize, to_uint8, upsample
 from cnncam.config import CamConfig, RunConfig, to_dict
 from cnncam.console import setup_logging, track
@@ -344,7 +344,7 @@ def _compute(
                 model, images, maps[:, 0], out.targets[:, 0], box_dev, cam, setup.input_size, ref
             )
             if cam.road:
-                named.update(_road(model, images, maps[:, 0], out.targets[:, 0], cam, _pad(index, b)))
+                named.update(road_metrics(model, images, maps[:, 0], out.targets[:, 0], cam, _pad(index, b)))
             tensors.update({S.metric_path(method, layer, k): v for k, v in named.items()})
     return tensors
 
@@ -384,22 +384,3 @@ def _metrics(
             named[name] = torch.where(no_box, torch.full_like(hit, -1), hit)
         named["energy_in_box"] = energy_in_box(up, boxes)
     return named
-
-
-def _road(
-    model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, cam: CamConfig, index: Tensor
-) -> dict[str, Tensor]:
-    """ROAD MoRF / LeRF scores (mean target probability over ``cam.road_percentiles``); the noise of
-    each image is seeded by its global index, so scores do not depend on batching or sharding."""
-    scores = road(
-        model,
-        images,
-        maps,
-        targets,
-        cam.road_percentiles,
-        cam.road_noise,
-        noise_keys=index,
-        batch_size=cam.metric_batch_size or cam.batch_size,
-        precision=cam.precision,
-    )
-    return {"road_morf": scores.morf, "road_lerf": scores.lerf}

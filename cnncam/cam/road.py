@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from cnncam.cam.faithfulness import metric_inputs, stacked_scores
 from cnncam.cam.layers import frozen_eval
 from cnncam.cam.viz import normalize, upsample
+from cnncam.config import CamConfig
 from cnncam.errors import CamError
 
 ROAD_PERCENTILES: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -205,3 +206,22 @@ def road(
 
 def _noise_field(key: int, shape: tuple[int, int, int]) -> Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(key))
+
+
+def road_metrics(
+    model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, cam: CamConfig, index: Tensor
+) -> dict[str, Tensor]:
+    """The export's per-image datasets ``road_morf`` / ``road_lerf`` for ``cam.road``; each image's
+    noise is seeded by its global ``index``, so scores do not depend on batching or sharding."""
+    scores = road(
+        model,
+        images,
+        maps,
+        targets,
+        cam.road_percentiles,
+        cam.road_noise,
+        noise_keys=index,
+        batch_size=cam.metric_batch_size or cam.batch_size,
+        precision=cam.precision,
+    )
+    return {"road_morf": scores.morf, "road_lerf": scores.lerf}
