@@ -222,3 +222,22 @@ def test_the_report_side_needs_no_torch() -> None:
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_build_data_trains_on_permuted_labels_only_when_asked(tmp_path: Path) -> None:
+    from cnncam.config import load_config
+    from cnncam.data import generate_shapes
+    from cnncam.runs import RunPaths
+    from cnncam.train.distributed import DistInfo
+    from cnncam.train.setup import build_data
+
+    root = generate_shapes(tmp_path / "shapes", num_classes=3, per_class=8, image_size=16, seed=0)
+    base = [f"runs_dir={tmp_path}", f"data.root={root}", "data.layout=single", "data.image_size=16"]
+    real = build_data(load_config(None, [*base, "name=real"]), RunPaths(tmp_path / "real"), DistInfo())
+    perm_cfg = load_config(None, [*base, "name=perm", "data.permute_labels=true"])
+    perm = build_data(perm_cfg, RunPaths(tmp_path / "perm"), DistInfo())
+    assert perm.index.splits == real.index.splits  # same seed: same split, saved with the true labels
+    assert real.train.samples == real.index.splits["train"]
+    assert perm.train.samples == permuted_labels(perm.index.splits["train"], perm_cfg.seed)
+    assert perm.train.samples != perm.index.splits["train"]
+    assert perm.val.samples == perm.index.splits["val"] and perm.test.samples == perm.index.splits["test"]
