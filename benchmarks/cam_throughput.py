@@ -275,11 +275,11 @@ def table(results: dict[str, dict[str, Any]], skipped: dict[str, str]) -> str:
             rows.append(f"| ({key}) {name} | – | – | – | – | not run: {skipped[key]} |")
             continue
         r = results[key]
-        ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}" if base else "–"
+        ratio = f"{r['images_per_s'] / base['images_per_s']:.3g}" if base else "–"
         mem = f"{r['peak_mb'] / base['peak_mb']:.2f}" if base and base["peak_mb"] > 0 else "–"
         size = "–" if r["bytes_per_image"] is None else f"{r['bytes_per_image']:,.0f}"
         rows.append(
-            f"| ({key}) {name} | {r['images_per_s']:.1f} | {ratio} | {r['peak_mb']:.0f} | {mem} | {size} |"
+            f"| ({key}) {name} | {r['images_per_s']:.3g} | {ratio} | {r['peak_mb']:.0f} | {mem} | {size} |"
         )
     return "\n".join(rows)
 
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 if key in skipped:
                     continue
                 r = run_child(key, work, args.batch)
-                print(f"  ({key}) {r['images_per_s']:.1f} images/s, peak +{r['peak_mb']:.0f} MB", flush=True)
+                print(f"  ({key}) {r['images_per_s']:.3g} images/s, peak +{r['peak_mb']:.0f} MB", flush=True)
                 runs.setdefault(key, []).append(r)
         # Best of the repeats: highest throughput, lowest peak (a shared machine only adds noise).
         results = {

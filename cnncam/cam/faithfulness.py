@@ -186,20 +186,23 @@ def _perturbed_scores(
     delete: bool,
 ) -> Tensor:
     """Scores (N, len(counts)) of the images with their top ``counts[s]`` pixels taken from ``other``
-    (``delete``) or kept on ``other`` (insertion).  All (step, image) pairs are built lazily and
-    scored ``chunk`` at a time, so a forward mixes steps and images and memory stays at one chunk."""
+    (``delete``) or kept on ``other`` (insertion).  A forward holds ``chunk // N`` whole steps of
+    every image (or, when ``chunk < N``, a slice of one step's images); each is built by
+    broadcasting, with no gather, so memory stays at one forward's worth and few ops run."""
     n, c, height, width = images.shape
-    total = n * counts.numel()
-    out = images.new_empty(total)
-    for start in range(0, total, chunk):
-        job = torch.arange(start, min(start + chunk, total), device=images.device)
-        img, step = job % n, job // n  # step-major: one step's images are contiguous
-        top = (rank[img] < counts[step][:, None]).view(-1, 1, height, width)
-        first, second = (other[img], images[img]) if delete else (images[img], other[img])
-        out[start : start + job.numel()] = _probs(model, torch.where(top, first, second), precision).gather(
-            1, targets[img][:, None]
-        )[:, 0]
-    return out.view(counts.numel(), n).T.contiguous()
+    steps = counts.numel()
+    out = images.new_empty(steps, n)
+    per, span = (max(1, chunk // n), n) if chunk >= n else (1, chunk)
+    for s0 in range(0, steps, per):
+        s1 = min(s0 + per, steps)
+        for i0 in range(0, n, span):
+            i1 = min(i0 + span, n)
+            top = (rank[None, i0:i1] < counts[s0:s1, None, None]).view(s1 - s0, i1 - i0, 1, height, width)
+            a, b = (other[i0:i1], images[i0:i1]) if delete else (images[i0:i1], other[i0:i1])
+            probs = _probs(model, torch.where(top, a, b).view(-1, c, height, width), precision)
+            wanted = targets[i0:i1].repeat(s1 - s0)[:, None]
+            out[s0:s1, i0:i1] = probs.gather(1, wanted).view(s1 - s0, i1 - i0)
+    return out.T.contiguous()
 
 
 def pointing_game(maps_up: Tensor, boxes: Tensor, tolerance: float | None = None) -> Tensor:
