@@ -177,7 +177,9 @@ def _data(n: int = 4, steps: int = 3) -> SanityData:
         images=np.zeros((2, 8, 8, 3), dtype=np.uint8),
         original={key: rng.random((2, 4, 4)).astype(np.float32)},
         model={"cascading": {key: {**sims, "examples": rng.random((steps, 2, 4, 4))}}},
-        data={key: {"ssim": np.full(n, 0.25, dtype=np.float32), "examples": np.zeros((2, 4, 4))}},
+        data={
+            key: {**{s: np.full(n, 0.25, dtype=np.float32) for s in sims}, "examples": np.zeros((2, 4, 4))}
+        },
     )
 
 
@@ -199,6 +201,10 @@ def test_sanity_file_round_trip_and_foreign_files(tmp_path: Path) -> None:
         f.attrs["kind"] = "merged"
     with pytest.raises(SchemaError, match="not a cnncam sanity file"):
         read_sanity(tmp_path / "other.h5")
+    with h5py.File(path, "a") as f:
+        del f["sanity/data/gradcam/layer4.1/spearman"]
+    with pytest.raises(SchemaError, match="lacks spearman"):
+        read_sanity(path)
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(SchemaError, match="not a readable HDF5 file"):
         read_sanity(tmp_path / "junk.h5")
@@ -241,3 +247,25 @@ def test_build_data_trains_on_permuted_labels_only_when_asked(tmp_path: Path) ->
     assert perm.train.samples == permuted_labels(perm.index.splits["train"], perm_cfg.seed)
     assert perm.train.samples != perm.index.splits["train"]
     assert perm.val.samples == perm.index.splits["val"] and perm.test.samples == perm.index.splits["test"]
+
+
+def test_report_shows_a_sanity_file_without_any_cam_file(tmp_path: Path) -> None:
+    from cnncam.config import load_config
+    from cnncam.report import build_report
+    from cnncam.runs import RunPaths, write_config
+
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "name=r"])
+    write_config(RunPaths(cfg.run_dir), cfg)
+    data = _data()
+    data.model["cascading"]["gradcam", "layer4.1"]["ssim"][:] = 0.9  # stays similar: flagged
+    data.attrs.update(split="test", targets="pred", randomisation="units <b>top</b> first")
+    write_sanity(cfg.run_dir / "cams" / "sanity.h5", data)
+    page = build_report(cfg.run_dir).read_text()
+    assert "Can these maps be trusted?" in page
+    assert "Warning: gradcam at layer4.1 maps stay similar to the trained model&#x27;s" in page
+    assert "(ssim 0.90 &gt;= 0.5) after the top 2 unit(s) (fc, layer4.1.conv2 + layer4.1.bn2)" in page
+    assert "units &lt;b&gt;top&lt;/b&gt; first" in page  # file text is escaped
+    assert "train on permuted labels" in page and "sanity_curves.png" in page
+    (cfg.run_dir / "cams" / "sanity.h5").write_bytes(b"damaged")
+    page = build_report(cfg.run_dir).read_text()
+    assert "sanity checks not shown" in page  # a damaged file is a note, not a failed report

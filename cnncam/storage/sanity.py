@@ -222,8 +222,17 @@ def _read(f: h5py.File) -> SanityData:
     if "sanity/data" in f:
         for (m, layer), g in _groups(f["sanity/data"], 2).items():
             data[(m, layer)] = {n: np.asarray(d[()], dtype=np.float32) for n, d in g.items()}
+    for where, values in [*((f"model/{m}/{k[0]}/{k[1]}", v) for m, d in model.items() for k, v in d.items()),
+                          *((f"data/{k[0]}/{k[1]}", v) for k, v in data.items())]:  # fmt: skip
+        missing = [n for n in (*SIMILARITIES, "examples") if n not in values]
+        if missing:
+            raise KeyError(f"sanity/{where} lacks {', '.join(missing)}")
+    attrs = _attrs(f.attrs)
+    absent = [a for a in ("flag_metric", "flag_depth", "flag_threshold") if a not in attrs]
+    if absent or attrs.get("flag_metric") not in SIMILARITIES:
+        raise KeyError(f"root attributes {absent or ['flag_metric']} missing or invalid")
     return SanityData(
-        attrs=_attrs(f.attrs),
+        attrs=attrs,
         index=f["samples/index"][()],
         path=strings,
         label=f["samples/label"][()],
