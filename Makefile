@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (see README):
-#   make demo   venv + install, synthetic data, train, CAM export, report (CPU, a few minutes)
+#   make demo   venv + install, synthetic data, train, CAM export, sanity checks, report (CPU, a few minutes)
 #   make test   venv + install, system test dependencies when root, the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,6 +20,7 @@ demo: venv
 	$(PY) -m cnncam.data.synthetic --out $(DEMO_DATA) --classes 4 --per-class 150 --size 64 --seed 0
 	$(PY) jobs/launch.py train --config configs/demo.yaml --set data.root=$(DEMO_DATA) --executor inline
 	$(PY) jobs/launch.py cam --run runs/demo --executor inline
+	$(PY) jobs/launch.py sanity --run runs/demo --executor inline
 	$(PY) jobs/launch.py report --run runs/demo --executor inline
 
 test: venv

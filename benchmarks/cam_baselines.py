@@ -52,12 +52,13 @@ def batches(ds: InMemoryDataset, batch: int) -> Iterator[tuple[int, Tensor]]:
 
 
 def load_model(work: Path) -> nn.Module:
-    """resnet18 from the run's checkpoint, as the export loads it (weights_only)."""
-    from torchvision.models import resnet18
-
+    """The run's model (resnet18, or the demo's simple_cnn) from its checkpoint, as the export loads it."""
+    from cnncam.config import load_config
+    from cnncam.models import create_model
     from cnncam.train.checkpoint import load_checkpoint
 
-    model = resnet18(weights=None, num_classes=NUM_CLASSES)
+    cfg = load_config(work / "run" / "config.yaml")
+    model = create_model(cfg.model, NUM_CLASSES)
     model.load_state_dict(load_checkpoint(work / "run" / "checkpoints" / "best.pt")["model"])
     return model.eval()
 

@@ -23,6 +23,16 @@ Variants:
   e  pytorch-grad-cam's batched ``GradCAM`` (when ``pip install grad-cam`` is done; not a
      cnncam dependency); maps written with plain h5py
   f  captum ``LayerGradCam`` (+ a forward for the predicted class) when captum is installed
+  g  cnncam ``export_shard`` with ``cam.metrics=true``: deletion/insertion AUC with ``--steps`` S
+     steps for every method of ``--methods`` (M methods).  Its *metrics cost* per image,
+     1/(g) - 1/(b), is set against the bound of 2 * S * M forward passes, 2 * S * M / (a)
+
+Metrics cost, the demo model and ResNet-18 (issue 11)::
+
+    python benchmarks/cam_throughput.py --model simple_cnn --size 64 --variants abg \
+        --methods gradcam,gradcam_pp,layercam --images 512 --readme benchmarks/README.md
+    python benchmarks/cam_throughput.py --model resnet18 --size 224 --variants abg --images 128 \
+        --readme benchmarks/README.md
 
 The shared data/model plumbing and the non-cnncam variants (a, d, e, f) are in
 ``cam_baselines.py`` next to this script.
@@ -45,7 +55,6 @@ from typing import Any
 import numpy as np
 import torch
 from cam_baselines import (  # next to this script: sys.path[0] when run as `python benchmarks/...`
-    LAYER,
     NUM_CLASSES,
     InMemoryDataset,
     run_captum,
@@ -56,11 +65,12 @@ from cam_baselines import (  # next to this script: sys.path[0] when run as `pyt
 
 VARIANTS: dict[str, str] = {
     "a": "forward only (inference)",
-    "b": "cnncam export, gradcam top-1",
+    "b": "cnncam export, top-1 (--methods, gradcam by default)",
     "c": "cnncam export, gradcam all classes",
     "d": "seed-style per-image hook loop",
     "e": "pytorch-grad-cam GradCAM (batched)",
     "f": "captum LayerGradCam",
+    "g": "cnncam export with --metrics (deletion/insertion)",
 }
 
 
@@ -68,7 +78,7 @@ VARIANTS: dict[str, str] = {
 # The variants: (work dir, dataset, batch size) -> output file or None
 
 
-def run_cnncam(targets: str) -> Callable[[Path, InMemoryDataset, int], Path | None]:
+def run_cnncam(targets: str, metrics: bool = False) -> Callable[[Path, InMemoryDataset, int], Path | None]:
     def run(work: Path, ds: InMemoryDataset, batch: int) -> Path | None:
         import cnncam.cam.export as export
         from cnncam.config import load_config
@@ -82,6 +92,9 @@ def run_cnncam(targets: str) -> Callable[[Path, InMemoryDataset, int], Path | No
                 f"cam.batch_size={batch}",
                 "cam.num_workers=0",
                 f"cam.out={out}",
+                f"cam.methods=[{os.environ.get('CNNCAM_BENCH_METHODS', 'gradcam')}]",
+                f"cam.metrics={str(metrics).lower()}",
+                f"cam.metric_steps={os.environ.get('CNNCAM_BENCH_STEPS', '16')}",
             ],
         )
         return export.export_shard(cfg)
@@ -96,6 +109,7 @@ RUNNERS: dict[str, Callable[[Path, InMemoryDataset, int], Path | None]] = {
     "d": run_seed_loop,
     "e": run_grad_cam,
     "f": run_captum,
+    "g": run_cnncam("pred", metrics=True),
 }
 REQUIRES = {"e": "pytorch_grad_cam", "f": "captum"}
 # Imported before the base RSS is taken: library code is not what the memory column compares.
@@ -106,6 +120,7 @@ IMPORTS = {
     "d": ["torchvision", "cv2"],
     "e": ["torchvision", "pytorch_grad_cam"],
     "f": ["torchvision", "captum.attr"],
+    "g": ["cnncam.cam.export"],
 }
 
 
@@ -150,13 +165,20 @@ def child(variant: str, work: Path, batch: int) -> dict[str, Any]:
 # Parent: data, run directory, children, table
 
 
-def make_workdir(work: Path, n: int, size: int, seed: int) -> None:
-    """Synthetic shapes (n, 3, size, size) normalised, and a cnncam run dir with a resnet18 checkpoint."""
-    from torchvision.models import resnet18
+MODEL_OVERRIDES = {
+    "resnet18": ["model.name=resnet18"],
+    # the demo's network (configs/demo.yaml)
+    "simple_cnn": ["model.name=simple_cnn", "model.channels=[32, 64, 128]", "model.dropout=0.2"],
+}
 
+
+def make_workdir(work: Path, n: int, size: int, seed: int, model_name: str = "resnet18") -> None:
+    """Synthetic shapes (n, 3, size, size) normalised, and a cnncam run dir with a checkpoint of
+    ``model_name`` (random weights, seeded)."""
     from cnncam.config import load_config, to_dict
     from cnncam.data import SHAPES, DatasetIndex, save_index
     from cnncam.data.synthetic import image_rng, render_sample
+    from cnncam.models import create_model
     from cnncam.runs import RunPaths, write_config
     from cnncam.train.checkpoint import save_checkpoint
 
@@ -176,7 +198,7 @@ def make_workdir(work: Path, n: int, size: int, seed: int) -> None:
             f"data.root={work}",
             f"data.image_size={size}",
             f"data.resize={size}",
-            "model.name=resnet18",
+            *MODEL_OVERRIDES[model_name],
         ],
     )
     paths = RunPaths(cfg.run_dir)
@@ -185,13 +207,13 @@ def make_workdir(work: Path, n: int, size: int, seed: int) -> None:
     samples = [(f"{classes[label]}/{i:05d}.png", int(label)) for i, label in enumerate(labels)]
     save_index(DatasetIndex(Path(work), classes, {"train": samples, "val": [], "test": samples}), paths)
     torch.manual_seed(seed)
-    model = resnet18(weights=None, num_classes=NUM_CLASSES)
+    model = create_model(cfg.model, NUM_CLASSES)
     meta = {
         "config": to_dict(cfg),
         "classes": classes,
         "mean": mean.tolist(),
         "std": std.tolist(),
-        "model": "resnet18",
+        "model": model_name,
         "image_size": size,
     }
     save_checkpoint(paths.best_ckpt, {"model": model.state_dict(), "meta": meta})
@@ -231,6 +253,17 @@ def machine() -> str:
     )
 
 
+def metrics_cost(results: dict[str, dict[str, Any]], steps: int, methods: int) -> str:
+    """The metrics' cost per image, 1/(g) - 1/(b), against the bound of 2 * S * M forwards, 2SM/(a)."""
+    a, b, g = (results[k]["images_per_s"] for k in "abg")
+    cost, bound = 1 / g - 1 / b, 2 * steps * methods / a
+    return (
+        f"Metrics cost: {1000 * cost:.2f} ms per image = 1/(g) - 1/(b); bound 2·S·M = {2 * steps * methods} "
+        f"forwards = {1000 * bound:.2f} ms per image (at (a)); **cost / bound = {cost / bound:.2f}**; "
+        f"(g) runs at {g / a:.4f} × (a).\n"
+    )
+
+
 def table(results: dict[str, dict[str, Any]], skipped: dict[str, str]) -> str:
     base = results.get("a")
     rows = [
@@ -242,11 +275,11 @@ def table(results: dict[str, dict[str, Any]], skipped: dict[str, str]) -> str:
             rows.append(f"| ({key}) {name} | – | – | – | – | not run: {skipped[key]} |")
             continue
         r = results[key]
-        ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}" if base else "–"
+        ratio = f"{r['images_per_s'] / base['images_per_s']:.3g}" if base else "–"
         mem = f"{r['peak_mb'] / base['peak_mb']:.2f}" if base and base["peak_mb"] > 0 else "–"
         size = "–" if r["bytes_per_image"] is None else f"{r['bytes_per_image']:,.0f}"
         rows.append(
-            f"| ({key}) {name} | {r['images_per_s']:.1f} | {ratio} | {r['peak_mb']:.0f} | {mem} | {size} |"
+            f"| ({key}) {name} | {r['images_per_s']:.3g} | {ratio} | {r['peak_mb']:.0f} | {mem} | {size} |"
         )
     return "\n".join(rows)
 
@@ -258,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs per variant")
     p.add_argument("--variants", default="abcdef")
+    p.add_argument("--model", choices=sorted(MODEL_OVERRIDES), default="resnet18")
+    p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps of variant (g)")
+    p.add_argument("--methods", default="gradcam", help="comma-separated CAM methods of (b) and (g)")
     p.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     p.add_argument("--readme", type=Path, help="also write the table into this markdown file's section")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -268,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cnncam-bench-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        make_workdir(work, args.images, args.size, seed=0)
+        os.environ["CNNCAM_BENCH_METHODS"] = args.methods
+        os.environ["CNNCAM_BENCH_STEPS"] = str(args.steps)
+        make_workdir(work, args.images, args.size, seed=0, model_name=args.model)
         skipped = {k: f"`{m}` not installed" for k, m in REQUIRES.items() if not _importable(m)}
         runs: dict[str, list[dict[str, Any]]] = {}
         for _ in range(args.repeats):  # interleaved, so slow phases of a shared machine hit all
@@ -276,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 if key in skipped:
                     continue
                 r = run_child(key, work, args.batch)
-                print(f"  ({key}) {r['images_per_s']:.1f} images/s, peak +{r['peak_mb']:.0f} MB", flush=True)
+                print(f"  ({key}) {r['images_per_s']:.3g} images/s, peak +{r['peak_mb']:.0f} MB", flush=True)
                 runs.setdefault(key, []).append(r)
         # Best of the repeats: highest throughput, lowest peak (a shared machine only adds noise).
         results = {
@@ -284,14 +322,19 @@ def main(argv: list[str] | None = None) -> int:
             for k, rs in runs.items()
         }
         skipped.update({k: "not selected" for k in VARIANTS if k not in args.variants and k not in skipped})
+    n_methods = len(args.methods.split(","))
     text = (
-        f"resnet18 (weights=None, {NUM_CLASSES} classes), {args.images} synthetic images at "
-        f"{args.size}×{args.size}, batch {args.batch}, layer {LAYER}, best of {args.repeats}; "
-        f"{machine()}.\n\n{table(results, skipped)}\n"
+        f"{args.model} (random weights, {NUM_CLASSES} classes), {args.images} synthetic images at "
+        f"{args.size}×{args.size}, batch {args.batch}, methods {args.methods} (b, g), "
+        f"{args.steps} metric steps (g), best of {args.repeats}; {machine()}; load average before the "
+        f"run {os.getloadavg()[0]:.1f}.\n\n{table(results, skipped)}\n"
     )
+    if all(k in results for k in "abg"):
+        text += "\n" + metrics_cost(results, args.steps, n_methods)
     print(text)
     if args.readme:
-        write_section(args.readme, text, args.size)
+        key = f"{args.size}px" if args.model == "resnet18" and "g" not in args.variants else None
+        write_section(args.readme, text, key or f"{args.model}-{args.size}px-{args.variants}")
     return 0
 
 
@@ -301,10 +344,10 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def write_section(path: Path, text: str, size: int) -> None:
-    """Replace this input size's measured table between its markers in ``path`` (appended when
-    absent), leaving the rest of the file - other sizes, other benchmarks - as it is."""
-    begin, end = f"<!-- cam_throughput:{size}px:begin -->", f"<!-- cam_throughput:{size}px:end -->"
+def write_section(path: Path, text: str, key: str) -> None:
+    """Replace this run's measured table (``key``: input size, model, variants) between its markers
+    in ``path`` (appended when absent), leaving the rest of the file as it is."""
+    begin, end = f"<!-- cam_throughput:{key}:begin -->", f"<!-- cam_throughput:{key}:end -->"
     old = path.read_text() if path.exists() else ""
     block = f"{begin}\n{text}{end}"
     if begin in old and end in old:

@@ -1,4 +1,4 @@
-"""``python jobs/launch.py {train,cam,merge,report,pipeline,status,logs,cancel,synth,probe} ...``
+"""``python jobs/launch.py {train,cam,merge,report,pipeline,sanity,status,logs,cancel,synth,probe} ...``
 
 Argument parsing only.  Every flag is sugar for a ``--set key=value`` override, so the
 config schema (:mod:`cnncam.config`) stays the one place that validates values; bad values
@@ -54,7 +54,9 @@ CAM_FLAGS = {
     "metrics": "cam.metrics",
     "activations": "cam.activations",
     "checkpoint": "cam.checkpoint",
+    "road": "cam.road",
 }
+SANITY_FLAGS = {"images": "sanity.images", "mode": "sanity.modes"}
 
 
 def override_text(value: Any) -> str:
@@ -84,7 +86,7 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     from cnncam.launch.params import parse_time
 
     out = profile_overrides(args.profile) if getattr(args, "profile", None) else []
-    for flags in (SLURM_FLAGS, CAM_FLAGS):
+    for flags in (SLURM_FLAGS, CAM_FLAGS, SANITY_FLAGS):
         for dest, key in flags.items():
             value = getattr(args, dest, None)
             if value is None or value is False:
@@ -167,6 +169,7 @@ def _cam_parent() -> argparse.ArgumentParser:
     g.add_argument(
         "--metrics", action="store_true", default=None, help="deletion/insertion AUC, pointing game"
     )
+    g.add_argument("--road", action="store_true", default=None, help="ROAD MoRF/LeRF scores per image")
     g.add_argument("--activations", nargs="+", metavar="LAYER", help="record activations of these layers")
     g.add_argument("--checkpoint", help="best, last or a path to a .pt file")
     g.add_argument("--shards", type=int, metavar="N", help="split the export into an N-task job array")
@@ -212,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <run>/report)")
     p = sub.add_parser("pipeline", parents=[cam, launch], help="train -> cam -> report, chained by Slurm")
     p.add_argument("--config", help="YAML config")
+    p.add_argument("--sanity", action="store_true", help="also run the model-randomisation sanity check")
+    p.add_argument(
+        "--sanity-data",
+        action="store_true",
+        help="also train on permuted labels (<name>-permuted) and compare its maps (implies --sanity)",
+    )
+    p = sub.add_parser("sanity", parents=[launch], help="sanity checks of a trained run -> cams/sanity.h5")
+    p.add_argument("--run", required=True, help=run_help)
+    p.add_argument("--images", type=int, help="sample size (sanity.images, default 64)")
+    p.add_argument("--mode", action="append", choices=("cascading", "independent"), help="repeatable")
+    p.add_argument("--permuted", metavar="RUN", help="run trained on permuted labels: the data test")
     p = sub.add_parser("probe", parents=[launch], help="check a cluster set-up with a tiny fake job")
     p.add_argument("--config", help="YAML config (its name/runs_dir choose the run directory)")
     p.add_argument("--steps", type=int, default=5)
@@ -291,7 +305,9 @@ def _submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
         elif args.command == "report":
             W.launch_report(launcher, cfg, args.cams, args.out)
         elif args.command == "pipeline":
-            W.launch_pipeline(launcher, cfg, shards)
+            W.launch_pipeline(launcher, cfg, shards, args.sanity, args.sanity_data)
+        elif args.command == "sanity":
+            W.launch_sanity(launcher, cfg, args.permuted)
         else:
             W.launch_probe(
                 launcher,

@@ -105,6 +105,9 @@ class DataConfig:
     # shards ({key}.jpg|png + {key}.cls); see cnncam/data/layouts.py.
     format: Literal["folder", "csv", "webdataset"] = "folder"
     manifest: str = "manifest.csv"  # format=csv: `path,label[,split]`, relative to data.root or absolute
+    # Sanity check (data randomisation, Adebayo et al. 2018): train on the train split's labels
+    # shuffled among its images with a fixed seed.  Saved splits and val/test keep the true labels.
+    permute_labels: bool = False
 
     def __post_init__(self) -> None:
         _positive("data.image_size", self.image_size)
@@ -258,6 +261,11 @@ class CamConfig:
     relu: bool = True  # ReLU on the maps (the papers' convention); false keeps signed maps
     deletion_baseline: Literal["zero", "blur"] = "zero"  # what deleted pixels become (cam.metrics)
     durable: bool = True  # fsync the part file after every batch; false: faster, a crash may redo it
+    # Faithfulness (issue 11): ROAD scores and the batching of the metrics' forwards.
+    road: bool = False  # ROAD MoRF/LeRF per image (Rong et al., ICML 2022); noisy linear imputation
+    road_percentiles: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+    road_noise: float = 0.01  # std of the noise added to imputed pixels (the paper's value)
+    metric_batch_size: int | None = None  # perturbed images per metric forward; None = cam.batch_size
 
     def __post_init__(self) -> None:
         if not TARGET_PATTERN.match(self.targets):
@@ -269,6 +277,12 @@ class CamConfig:
         _positive("cam.batch_size", self.batch_size)
         _positive("cam.metric_steps", self.metric_steps)
         _positive("cam.queue_size", self.queue_size)
+        if self.metric_batch_size is not None:
+            _positive("cam.metric_batch_size", self.metric_batch_size)
+        if not self.road_percentiles or any(not 0 < p < 100 for p in self.road_percentiles):
+            raise ConfigError(f"cam.road_percentiles must lie in (0, 100), got {list(self.road_percentiles)}")
+        if self.road_noise < 0:
+            raise ConfigError(f"cam.road_noise must be >= 0, got {self.road_noise}")
 
 
 @dataclass(frozen=True)
@@ -295,6 +309,45 @@ class ReportConfig:
         _positive("report.images_per_row", self.images_per_row)
         if not 20 <= self.dpi <= 600:
             raise ConfigError(f"report.dpi must be within [20, 600], got {self.dpi}")
+
+
+SanityMode = Literal["cascading", "independent"]
+SANITY_TARGETS = re.compile(r"^(pred|label|class:\d+)$")
+
+
+@dataclass(frozen=True)
+class SanityConfig:
+    """``launch.py sanity``: the model- and data-randomisation tests (cnncam.cam.sanity)."""
+
+    images: int = 64  # fixed, seeded sample of the split
+    split: Split | None = None  # None = cam.split
+    methods: tuple[CamMethod, ...] = ()  # empty = cam.methods
+    modes: tuple[SanityMode, ...] = ("cascading", "independent")
+    targets: str = "pred"  # pred (of the trained model) | label | class:<i>; fixed for every model
+    seed: int = 0  # sample and per-unit random weights
+    examples: int = 3  # images whose maps the report shows at every step
+    batch_size: int = 64  # images per CAM engine call
+    # Flag a method whose mean similarity after `flag_depth` cascading steps is still >= threshold.
+    flag_metric: Literal["ssim", "spearman_abs", "spearman"] = "ssim"
+    flag_depth: int = 2
+    flag_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive("sanity.images", self.images)
+        _positive("sanity.batch_size", self.batch_size)
+        _positive("sanity.flag_depth", self.flag_depth)
+        if not self.modes:
+            raise ConfigError(
+                "sanity.modes must name at least one mode. Valid choices: cascading, independent"
+            )
+        if not SANITY_TARGETS.match(self.targets):
+            raise ConfigError(
+                f"sanity.targets {self.targets!r} is invalid. Valid choices: pred, label, class:<i>"
+            )
+        if self.examples < 0:
+            raise ConfigError(f"sanity.examples must be >= 0, got {self.examples}")
+        if not -1 <= self.flag_threshold <= 1:
+            raise ConfigError(f"sanity.flag_threshold must be within [-1, 1], got {self.flag_threshold}")
 
 
 @dataclass(frozen=True)
@@ -356,6 +409,7 @@ class RunConfig:
     cam: CamConfig = field(default_factory=CamConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    sanity: SanityConfig = field(default_factory=SanityConfig)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):

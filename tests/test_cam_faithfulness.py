@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from cnncam.cam import deletion_insertion, energy_in_box, pointing_game
 from cnncam.cam.faithfulness import gaussian_blur
 from cnncam.errors import CamError
+from cnncam.localisation import box_area_baseline, centre_baseline, pointing_tolerance
 
 
 class MeanProb(nn.Module):
@@ -127,3 +129,77 @@ def test_energy_in_box() -> None:
     energy = energy_in_box(maps, boxes)
     torch.testing.assert_close(energy[:2], torch.tensor([0.25, 1.0]))
     assert torch.isnan(energy[2]) and torch.isnan(energy[3])  # no box; no mass
+
+
+class Counting(nn.Module):
+    """Wraps a model and counts the images it is asked to score."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.images, self.calls = inner, 0, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.images += x.shape[0]
+        self.calls += 1
+        return self.inner(x)
+
+
+def _naive(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor, steps: int, baseline: str) -> tuple:
+    """RISE deletion/insertion written step by step, one forward per step (the definition)."""
+    n, _, h, w = x.shape
+    up = torch.nn.functional.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)
+    order = torch.argsort(up.flatten(1), dim=1, descending=True, stable=True)
+    blurred = gaussian_blur(x)
+    base = torch.zeros_like(x) if baseline == "zero" else blurred
+    dels, inss = [], []
+    for s in range(steps + 1):
+        k = round(s * h * w / steps)
+        top = torch.zeros(n, h * w, dtype=torch.bool)
+        top.scatter_(1, order[:, :k], True)
+        top = top.view(n, 1, h, w)
+        for images, curve in ((torch.where(top, base, x), dels), (torch.where(top, x, blurred), inss)):
+            with torch.no_grad():
+                curve.append(torch.softmax(model(images), 1).gather(1, targets[:, None])[:, 0])
+    return torch.stack(dels, 1), torch.stack(inss, 1)
+
+
+@pytest.mark.parametrize("baseline", ["zero", "blur"])
+def test_batched_curves_equal_the_definition_with_fewer_forwards(baseline: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = _square_images(5) + 0.2 * torch.rand(5, 3, 16, 16, generator=g)
+    maps, targets = torch.rand(5, 4, 4, generator=g), torch.tensor([0, 1, 0, 1, 0])
+    model, steps = Counting(Evidence()), 6
+    want_del, want_ins = _naive(Evidence(), x, maps, targets, steps, baseline)
+    out = deletion_insertion(model, x, maps, targets, steps, batch_size=10, deletion_baseline=baseline)  # type: ignore[arg-type]
+    torch.testing.assert_close(out.deletion_curve, want_del)
+    torch.testing.assert_close(out.insertion_curve, want_ins)
+    # (2S - 1) perturbed images per image, the unperturbed images once, the zero image once
+    assert model.images == 5 * (2 * steps - 1) + 5 + (1 if baseline == "zero" else 0)
+    # a forward holds 2 whole steps of the 5 images: 3 for insertion's 6 steps, 3 for deletion's 5
+    assert model.calls == 3 + 3 + 1 + (1 if baseline == "zero" else 0)
+    small = deletion_insertion(Evidence(), x, maps, targets, steps, batch_size=2, deletion_baseline=baseline)  # type: ignore[arg-type]
+    torch.testing.assert_close(small.insertion_curve, want_ins)  # a step split over several forwards
+    # the export hands over the scores of its own forward: the unperturbed images are not scored again
+    model.images = 0
+    ref = torch.softmax(Evidence()(x), 1).gather(1, targets[:, None])[:, 0]
+    again = deletion_insertion(model, x, maps, targets, steps, deletion_baseline=baseline, reference=ref)  # type: ignore[arg-type]
+    torch.testing.assert_close(again.deletion, out.deletion)
+    assert model.images == 5 * (2 * steps - 1) + (1 if baseline == "zero" else 0)
+
+
+def test_centre_and_box_area_baselines() -> None:
+    boxes = np.array([[10.0, 10.0, 20.0, 20.0], [0.0, 0.0, 8.0, 8.0], [17.0, 0.0, 32.0, 32.0], [np.nan] * 4])
+    # centre pixel (16, 16) has its centre at (16.5, 16.5)
+    np.testing.assert_array_equal(centre_baseline(boxes, 32, 32, 0.0)[:3], [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(centre_baseline(boxes, 32, 32, 1.0)[:3], [1.0, 0.0, 1.0])  # 0.5 px away
+    assert np.isnan(centre_baseline(boxes, 32, 32, 0.0)[3])
+    assert pointing_tolerance(224, 224) == 15.0 and pointing_tolerance(32, 64) == 15.0 * 64 / 224
+    # a uniform map's energy in the box = the box's share of pixel centres, as energy_in_box computes it
+    flat = energy_in_box(torch.ones(3, 32, 32), torch.from_numpy(boxes[:3]).float()).numpy()
+    np.testing.assert_allclose(box_area_baseline(boxes, 32, 32)[:3], flat, rtol=1e-6)
+    assert np.isnan(box_area_baseline(boxes, 32, 32)[3])
+    # the exact pointing game is the tolerance-0 form
+    peak = torch.zeros(1, 32, 32)
+    peak[0, 9, 9] = 1.0
+    box = torch.tensor([[10.0, 10.0, 20.0, 20.0]])
+    assert not pointing_game(peak, box, 0.0)[0] and pointing_game(peak, box, 1.5)[0]

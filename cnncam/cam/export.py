@@ -5,7 +5,7 @@
 shard in-process and merges (the demo).  Per batch, on the model's device::
 
     images -> CamEngine (logits, targets, raw maps for every method x layer)
-           -> optional deletion/insertion AUC, pointing game, energy in box (cam.metrics)
+           -> optional deletion/insertion AUC, pointing game, energy in box (cam.metrics), ROAD (cam.road)
            -> optional uint8 maps at input size (cam.upsampled)
            -> one host transfer -> PartWriter.put (a background thread writes and commits)
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from cnncam.cam.export_data import (
 )
 from cnncam.cam.faithfulness import deletion_insertion, energy_in_box, pointing_game
 from cnncam.cam.layers import frozen_eval, probe_model, resolve_layers
+from cnncam.cam.road import road_metrics
 from cnncam.cam.viz import normalize, to_uint8, upsample
 from cnncam.config import CamConfig, RunConfig, to_dict
 from cnncam.console import setup_logging, track
@@ -280,7 +280,7 @@ def _run_batches(
                 return expected
             n = len(index)
             _check_index(index, expected, setup.samples)
-            tensors = _compute(engine, model, images, labels, boxes, cam, setup, device)
+            tensors = _compute(engine, model, images, labels, boxes, cam, setup, device, index)
             arrays = to_host({k: t[:n] for k, t in tensors.items()})
             rows: dict[str, Any] = {
                 S.INDEX: index.numpy(),
@@ -323,6 +323,7 @@ def _compute(
     cam: CamConfig,
     setup: _Setup,
     device: torch.device,
+    index: Tensor,
 ) -> dict[str, Tensor]:
     """One batch's per-item datasets as device tensors keyed by HDF5 path (padded rows included)."""
     b = cam.batch_size
@@ -340,8 +341,14 @@ def _compute(
         tensors[S.cam_path(method, layer)] = maps
         if cam.upsampled:
             tensors[S.upsampled_path(method, layer)] = to_uint8(normalize(upsample(maps, setup.input_size)))
-        if cam.metrics:
-            named = _metrics(model, images, maps[:, 0], out.targets[:, 0], box_dev, cam, setup.input_size)
+        if cam.metrics or cam.road:
+            # The engine's forward already scored the unperturbed images: the metrics reuse it.
+            ref = out.probs.gather(1, out.targets[:, :1])[:, 0]
+            named = _metrics(
+                model, images, maps[:, 0], out.targets[:, 0], box_dev, cam, setup.input_size, ref
+            )
+            if cam.road:
+                named.update(road_metrics(model, images, maps[:, 0], out.targets[:, 0], cam, _pad(index, b)))
             tensors.update({S.metric_path(method, layer, k): v for k, v in named.items()})
     return tensors
 
@@ -354,9 +361,13 @@ def _metrics(
     boxes: Tensor | None,
     cam: CamConfig,
     input_size: tuple[int, int],
-) -> Mapping[str, Tensor]:
+    reference: Tensor,
+) -> dict[str, Tensor]:
     """Faithfulness of the first target's maps (N, h, w): deletion / insertion AUC (RISE) and, with
-    boxes, the pointing game (1 hit, 0 miss, -1 no box) and the CAM energy inside the box."""
+    boxes, the pointing game (1 hit, 0 miss, -1 no box; TorchRay's 15 px tolerance and the exact
+    arg-max-in-box form) and the CAM energy inside the box."""
+    if not cam.metrics:
+        return {}
     scores = deletion_insertion(
         model,
         images,
@@ -365,12 +376,15 @@ def _metrics(
         steps=cam.metric_steps,
         deletion_baseline=cam.deletion_baseline,
         precision=cam.precision,
+        batch_size=cam.metric_batch_size or cam.batch_size,
+        reference=reference,
     )
     named: dict[str, Tensor] = {"deletion_auc": scores.deletion, "insertion_auc": scores.insertion}
     if boxes is not None:
         up = upsample(maps, input_size)
         no_box = torch.isnan(boxes).any(1)
-        hit = pointing_game(up, boxes).to(torch.int8)
-        named["pointing_hit"] = torch.where(no_box, torch.full_like(hit, -1), hit)
+        for name, tolerance in (("pointing_hit", None), ("pointing_hit_exact", 0.0)):
+            hit = pointing_game(up, boxes, tolerance).to(torch.int8)
+            named[name] = torch.where(no_box, torch.full_like(hit, -1), hit)
         named["energy_in_box"] = energy_in_box(up, boxes)
     return named

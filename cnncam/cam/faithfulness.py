@@ -12,13 +12,19 @@ Deletion and insertion (Petsiuk et al., RISE, BMVC 2018, arXiv 1806.07421):
 * the score is the softmax probability of the target class; the AUC is the trapezoid integral of
   the ``steps + 1`` scores over the deleted/inserted fraction in [0, 1].
 
-A faithful CAM gives a *low* deletion AUC and a *high* insertion AUC.  All ``steps + 1`` perturbed
-copies of a batch are scored with batched forwards of ``batch_size`` images.
+A faithful CAM gives a *low* deletion AUC and a *high* insertion AUC.  The perturbed copies of
+all images and steps are built on the device, ``batch_size`` at a time, and each forward mixes
+images and steps; the curve ends that are the unperturbed image (or, with the zero baseline, the
+same all-zero image for every input) are not scored again, so one image costs ``2 * steps - 1``
+forwards: less than the ``2 * steps`` bound.
+
+Pointing game (Zhang et al., ECCV 2016): the map's arg-max pixel hits when its centre lies in the
+box (``tolerance=0``, the exact form) or within 15 px of it (TorchRay's form; see
+:func:`cnncam.localisation.pointing_tolerance` for the scaling to the input size).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,10 +35,7 @@ from torch import Tensor, nn
 from cnncam.cam.layers import autocast, frozen_eval, model_device
 from cnncam.cam.viz import upsample
 from cnncam.errors import CamError
-
-# Zhang et al., ECCV 2016 (arXiv 1608.00507): a hit within 15 px of the object, for ~224 px inputs.
-POINTING_TOLERANCE_PX = 15.0
-POINTING_REFERENCE_SIZE = 224.0
+from cnncam.localisation import pointing_tolerance
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ def deletion_insertion(
     blur_kernel: int = 11,
     blur_sigma: float = 5.0,
     precision: str = "fp32",
+    reference: Tensor | None = None,
 ) -> DeletionInsertion:
     """Deletion and insertion AUCs (see module doc).
 
@@ -84,33 +88,44 @@ def deletion_insertion(
     images : (N, C, H, W) model inputs (normalised as for the model).
     maps : (N, h, w) or (N, 1, h, w) CAMs, any resolution.
     targets : (N,) class whose probability is tracked.
-    batch_size : images per forward, rounded down to whole steps of N (default N).
+    batch_size : perturbed images per forward, taken across images and steps (default N).
+    reference : (N,) target-class probabilities of the unperturbed ``images`` when the caller
+        has them (the export's own forward): nothing deleted and everything inserted are the
+        image itself, so those two curve ends need no forward.
+
+    Cost: ``2 * steps - 1`` forwards per image (``2 * steps + 1`` without ``reference``): the
+    deletion end point is the baseline image, shared by all images for ``zero`` (one forward of
+    one image) and equal to insertion's blurred start for ``blur``.
     """
     if steps < 1:
         raise CamError(f"steps must be >= 1, got {steps}")
     if deletion_baseline not in ("zero", "blur"):
         raise CamError(f"unknown deletion_baseline {deletion_baseline!r}. Valid choices: zero, blur")
-    device = model_device(model, images.device)
-    images = images.to(device).float()
+    images, maps, targets = metric_inputs(model, images, maps, targets)
+    device = images.device
     n, _, height, width = images.shape
-    maps = _as_maps(maps, n).to(device)
-    targets = targets.to(device).long().reshape(-1)
-    if targets.shape[0] != n:
-        raise CamError(f"targets has {targets.shape[0]} entries but the batch has {n} images")
     rank = _pixel_rank(upsample(maps, (height, width)).flatten(1))  # (N, HW)
     counts = torch.round(torch.linspace(0, height * width, steps + 1, device=device)).long()
     fractions = counts.float() / (height * width)
     blurred = gaussian_blur(images, blur_kernel, blur_sigma)
-    deleted = torch.zeros_like(images) if deletion_baseline == "zero" else blurred
-
-    def masks(s: int) -> Tensor:  # (N, 1, H, W), 1 where pixel is among the top counts[s]
-        return (rank < counts[s]).view(n, 1, height, width).float()
-
-    per_forward = max(1, (batch_size or n) // n)
+    chunk = max(1, batch_size or n)
     with frozen_eval(model):
-        score = _scorer(model, targets, precision)
-        del_curve = _curve(lambda s: images * (1 - masks(s)) + deleted * masks(s), steps, per_forward, score)
-        ins_curve = _curve(lambda s: blurred * (1 - masks(s)) + images * masks(s), steps, per_forward, score)
+        if reference is None:
+            reference = stacked_scores(model, images, targets, precision, chunk)
+        reference = reference.to(device).float().reshape(n)
+        # insertion: steps 0..S-1 reveal the top counts[s] pixels on the blurred copy
+        ins = _perturbed_scores(
+            model, images, blurred, rank, counts[:steps], targets, precision, chunk, False
+        )
+        # deletion: steps 1..S-1 replace the top counts[s] pixels by the baseline
+        base = torch.zeros_like(images) if deletion_baseline == "zero" else blurred
+        dele = _perturbed_scores(model, images, base, rank, counts[1:steps], targets, precision, chunk, True)
+        if deletion_baseline == "blur":
+            end = ins[:, :1]
+        else:  # every image deleted to zeros is the same image: one forward for all targets
+            end = _probs(model, torch.zeros_like(images[:1]), precision)[0, targets][:, None]
+    del_curve = torch.cat([reference[:, None], dele, end], 1)
+    ins_curve = torch.cat([ins, reference[:, None]], 1)
     return DeletionInsertion(
         torch.trapezoid(del_curve, fractions, dim=1),
         torch.trapezoid(ins_curve, fractions, dim=1),
@@ -118,6 +133,20 @@ def deletion_insertion(
         del_curve,
         ins_curve,
     )
+
+
+def metric_inputs(
+    model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Images (N, C, H, W) float32, maps (N, h, w) and targets (N,) long on the model's device, checked."""
+    device = model_device(model, images.device)
+    images = images.to(device).float()
+    n = images.shape[0]
+    maps = as_maps(maps, n).to(device)
+    targets = targets.to(device).long().reshape(-1)
+    if targets.shape[0] != n:
+        raise CamError(f"targets has {targets.shape[0]} entries but the batch has {n} images")
+    return images, maps, targets
 
 
 def _pixel_rank(saliency: Tensor) -> Tensor:
@@ -128,30 +157,52 @@ def _pixel_rank(saliency: Tensor) -> Tensor:
     return rank.scatter_(1, order, positions)
 
 
-def _scorer(model: nn.Module, targets: Tensor, precision: str) -> Callable[[Tensor], Tensor]:
-    """(S*N, C, H, W) step-major stacked images -> (S*N,) target-class probabilities."""
-    n = targets.shape[0]
-
-    def score(x: Tensor) -> Tensor:
-        with torch.no_grad(), autocast(x.device, precision):
-            probs = torch.softmax(model(x).float(), 1)
-        return probs.gather(1, targets.repeat(x.shape[0] // n)[:, None])[:, 0]
-
-    return score
+def _probs(model: nn.Module, x: Tensor, precision: str) -> Tensor:
+    with torch.no_grad(), autocast(x.device, precision):
+        return torch.softmax(model(x).float(), 1)
 
 
-def _curve(
-    make: Callable[[int], Tensor], steps: int, per_forward: int, score: Callable[[Tensor], Tensor]
+def stacked_scores(
+    model: nn.Module, images: Tensor, targets: Tensor, precision: str, chunk: int | None = None
 ) -> Tensor:
-    """Scores (N, steps + 1) of the step images ``make(s)`` (N, C, H, W), s = 0..steps.
+    """Softmax probability (M,) of ``targets`` (M,) for ``images`` (M, C, H, W), ``chunk`` per forward."""
+    step = max(1, chunk or images.shape[0])
+    parts = [
+        _probs(model, images[i : i + step], precision).gather(1, targets[i : i + step, None])[:, 0]
+        for i in range(0, images.shape[0], step)
+    ]
+    return torch.cat(parts) if parts else images.new_zeros(0)
 
-    ``per_forward`` steps are stacked into one forward, so memory stays at one batch's worth.
-    """
-    parts = []
-    for first in range(0, steps + 1, per_forward):
-        stacked = torch.cat([make(s) for s in range(first, min(first + per_forward, steps + 1))])
-        parts.append(score(stacked))
-    return torch.cat(parts).view(steps + 1, -1).T.contiguous()
+
+def _perturbed_scores(
+    model: nn.Module,
+    images: Tensor,
+    other: Tensor,
+    rank: Tensor,
+    counts: Tensor,
+    targets: Tensor,
+    precision: str,
+    chunk: int,
+    delete: bool,
+) -> Tensor:
+    """Scores (N, len(counts)) of the images with their top ``counts[s]`` pixels taken from ``other``
+    (``delete``) or kept on ``other`` (insertion).  A forward holds ``chunk // N`` whole steps of
+    every image (or, when ``chunk < N``, a slice of one step's images); each is built by
+    broadcasting, with no gather, so memory stays at one forward's worth and few ops run."""
+    n, c, height, width = images.shape
+    steps = counts.numel()
+    out = images.new_empty(steps, n)
+    per, span = (max(1, chunk // n), n) if chunk >= n else (1, chunk)
+    for s0 in range(0, steps, per):
+        s1 = min(s0 + per, steps)
+        for i0 in range(0, n, span):
+            i1 = min(i0 + span, n)
+            top = (rank[None, i0:i1] < counts[s0:s1, None, None]).view(s1 - s0, i1 - i0, 1, height, width)
+            a, b = (other[i0:i1], images[i0:i1]) if delete else (images[i0:i1], other[i0:i1])
+            probs = _probs(model, torch.where(top, a, b).view(-1, c, height, width), precision)
+            wanted = targets[i0:i1].repeat(s1 - s0)[:, None]
+            out[s0:s1, i0:i1] = probs.gather(1, wanted).view(s1 - s0, i1 - i0)
+    return out.T.contiguous()
 
 
 def pointing_game(maps_up: Tensor, boxes: Tensor, tolerance: float | None = None) -> Tensor:
@@ -162,16 +213,13 @@ def pointing_game(maps_up: Tensor, boxes: Tensor, tolerance: float | None = None
     maps_up : (N, H, W) or (N, 1, H, W) CAMs at input resolution.
     boxes : (N, 4) x0, y0, x1, y1 in input pixel coordinates (pixel j spans [j, j + 1)); a row
         with NaN means "no box" and is never a hit (exclude those rows when averaging).
-    tolerance : px; default 15 px scaled to the input size, ``15 * max(H, W) / 224``.
+    tolerance : px; default 15 px scaled to the input size, ``15 * max(H, W) / 224``; 0 = the
+        exact form (the arg-max pixel's centre lies in the box).
     """
-    maps_up = _as_maps(maps_up, boxes.shape[0])
+    maps_up = as_maps(maps_up, boxes.shape[0])
     height, width = maps_up.shape[-2:]
     boxes = _check_boxes(boxes, maps_up.shape[0]).to(maps_up.device)
-    tol = (
-        POINTING_TOLERANCE_PX * max(height, width) / POINTING_REFERENCE_SIZE
-        if tolerance is None
-        else tolerance
-    )
+    tol = pointing_tolerance(height, width) if tolerance is None else tolerance
     idx = maps_up.flatten(1).argmax(1)
     py = (idx // width).float() + 0.5  # pixel centres
     px = (idx % width).float() + 0.5
@@ -185,7 +233,7 @@ def energy_in_box(maps_up: Tensor, boxes: Tensor) -> Tensor:
 
     Negative map values are clipped to 0.  NaN box rows, and maps with no mass, give NaN.
     """
-    maps_up = _as_maps(maps_up, boxes.shape[0]).float().clamp(min=0)
+    maps_up = as_maps(maps_up, boxes.shape[0]).float().clamp(min=0)
     height, width = maps_up.shape[-2:]
     boxes = _check_boxes(boxes, maps_up.shape[0]).to(maps_up.device)
     ys = torch.arange(height, device=maps_up.device, dtype=torch.float32) + 0.5
@@ -199,7 +247,8 @@ def energy_in_box(maps_up: Tensor, boxes: Tensor) -> Tensor:
     return torch.where(torch.isnan(boxes).any(1) | (total <= 0), nan, energy)
 
 
-def _as_maps(maps: Tensor, n: int) -> Tensor:
+def as_maps(maps: Tensor, n: int) -> Tensor:
+    """(N, h, w) or (N, 1, h, w) -> (N, h, w); anything else is a :class:`CamError`."""
     if maps.dim() == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
     if maps.dim() != 3 or maps.shape[0] != n:

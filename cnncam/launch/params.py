@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from cnncam.config import SlurmConfig
 
 EXECUTORS = ("slurm", "local", "inline")
-JOB_KINDS = ("train", "cam", "merge", "report", "probe")
+JOB_KINDS = ("train", "cam", "merge", "report", "probe", "sanity")
 # Jobs that checkpoint on a signal and may be requeued (the others are short and idempotent).
 REQUEUEABLE = ("train", "cam", "probe")
 
@@ -203,7 +203,7 @@ def resources(kind: str, cfg: SlurmConfig) -> Resources:
     if kind in ("train", "probe"):
         tasks = cfg.tasks_per_node if cfg.tasks_per_node is not None else max(1, cfg.gpus_per_node)
         return Resources(cfg.nodes, tasks, cfg.gpus_per_node, cfg.partition)
-    if kind == "cam":
+    if kind in ("cam", "sanity"):
         return Resources(1, 1, min(1, cfg.gpus_per_node), cfg.partition)
     return Resources(1, 1, 0, cfg.cpu_partition or cfg.partition)
 

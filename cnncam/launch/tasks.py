@@ -255,6 +255,29 @@ class ReportTask(LaunchTask):
         return "completed", build_report(self.cfg.run_dir, cams, out, self.cfg.report, self.cfg)
 
 
+@dataclass(frozen=True)
+class SanityTask(LaunchTask):
+    """Sanity checks of a trained run (``launch.py sanity``); ``permuted`` = the permuted-label run."""
+
+    cfg: RunConfig
+    permuted: str | None = None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        # Reads both runs' checkpoints: neither may be (re)trained meanwhile.
+        with hold_run(self.cfg.run_dir, "shared", "sanity"):
+            if self.permuted is None:
+                yield
+            else:
+                with hold_run(Path(self.permuted), "shared", "sanity"):
+                    yield
+
+    def run(self, stop: StopFlag) -> tuple[str, Any]:
+        from cnncam.cam.sanity_run import run_sanity
+
+        return "completed", run_sanity(self.cfg, Path(self.permuted) if self.permuted else None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Dependencies for the local executor, which has no `--dependency`.
 

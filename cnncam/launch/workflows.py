@@ -17,7 +17,7 @@ from cnncam.errors import CnncamError, LaunchError
 from cnncam.launch.executors import Launcher
 from cnncam.launch.jobs import JobRecord, job_status, load_records
 from cnncam.launch.probe import ProbeMergeTask, ProbeTask, part_states
-from cnncam.launch.tasks import CamShardTask, LaunchTask, MergeTask, ReportTask, TrainTask
+from cnncam.launch.tasks import CamShardTask, LaunchTask, MergeTask, ReportTask, SanityTask, TrainTask
 from cnncam.runs import cams_dir
 
 
@@ -174,14 +174,53 @@ def launch_report(launcher: Launcher, cfg: RunConfig, cams: str | None, out: str
     return [launcher.submit("report", [ReportTask(cfg, cams, out)])]
 
 
-def launch_pipeline(launcher: Launcher, cfg: RunConfig, shards: int | None) -> list[JobRecord]:
+def launch_pipeline(
+    launcher: Launcher, cfg: RunConfig, shards: int | None, sanity: bool = False, sanity_data: bool = False
+) -> list[JobRecord]:
     n = 1 if shards is None else shards
     check_shards(n)  # before the training job is submitted
     ensure_idle(launcher, ("train", "cam", "merge"))
     train = launcher.submit("train", [TrainTask(cfg)])
     array, merge = submit_sharded(launcher, cam_step(cfg, n), after=[train])
-    report = launcher.submit("report", [ReportTask(cfg)], [merge])
-    return [train, array, merge, report]
+    jobs = [train, array, merge]
+    if sanity or sanity_data:
+        jobs += sanity_steps(launcher, cfg, train, sanity_data)
+    report = launcher.submit("report", [ReportTask(cfg)], jobs[2:])
+    return [*jobs, report]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sanity checks (issue 11): a sanity job after training; with the data test, the same config
+# trained on permuted labels in its own run folder, which the sanity job also waits for.
+
+
+def permuted_config(cfg: RunConfig) -> RunConfig:
+    """The data-randomisation twin of ``cfg``: ``<name>-permuted``, ``data.permute_labels=true``."""
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg, name=f"{cfg.name}-permuted", data=dataclasses.replace(cfg.data, permute_labels=True)
+    )
+
+
+def sanity_steps(launcher: Launcher, cfg: RunConfig, train: JobRecord, data: bool) -> list[JobRecord]:
+    """[permuted training (with ``data``),] sanity job after ``train``; the permuted run is submitted
+    by its own launcher, so its jobs, logs and status live in its own run folder."""
+    import dataclasses
+
+    after, permuted = [train], None
+    if data:
+        twin = permuted_config(cfg)
+        other = dataclasses.replace(launcher, run_dir=twin.run_dir, run_name=twin.name, submitted=[])
+        ensure_idle(other, ("train",))
+        after.append(other.submit("train", [TrainTask(twin)]))
+        permuted = str(twin.run_dir)
+        launcher.out.write(f"permuted-label training: {twin.run_dir} (status --run {twin.run_dir})\n")
+    return [launcher.submit("sanity", [SanityTask(cfg, permuted)], after)]
+
+
+def launch_sanity(launcher: Launcher, cfg: RunConfig, permuted: str | None) -> list[JobRecord]:
+    return [launcher.submit("sanity", [SanityTask(cfg, permuted)])]
 
 
 def launch_probe(

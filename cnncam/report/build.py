@@ -29,6 +29,7 @@ from cnncam.report import sections as S
 from cnncam.report import summary as R
 from cnncam.report.diagnose import Curves, curves, diagnose
 from cnncam.report.select import scan
+from cnncam.report.trust import read_optional_sanity, trust_section
 from cnncam.runs import (
     RunPaths,
     atomic_write_json,
@@ -40,6 +41,7 @@ from cnncam.runs import (
     require_run_folder,
 )
 from cnncam.storage import MERGED_FILENAME, CamFile, open_cams
+from cnncam.storage.sanity import SANITY_FILENAME
 
 log = logging.getLogger(__name__)
 # Export-only runs (issue 10): rows of the run facts that describe training, left out with a note.
@@ -146,6 +148,7 @@ def _build(
             html, summary["confusion"] = S.classification_section(conf, names, source, figs)
             sections.append(("classification", "Confusion", html))
         summary["classes"] = names
+        _trust(sections, summary, cfg, None, rc, figs)
         return sections, summary
     with open_cams(cams_path) as cams:
         names = _class_names(paths, cams)
@@ -190,7 +193,23 @@ def _build(
             "class_means": means,
             "faithfulness": faith_summary,
         }
+        _trust(sections, summary, cfg, cams, rc, figs)
     return sections, summary
+
+
+def _trust(
+    sections: list[tuple[str, str, H.Raw]],
+    summary: dict[str, Any],
+    cfg: RunConfig,
+    cams: CamFile | None,
+    rc: ReportConfig,
+    figs: S.FigureWriter,
+) -> None:
+    """The "Can these maps be trusted?" section (cnncam.report.trust), when there is anything to show."""
+    sanity, note = read_optional_sanity(cams_dir(cfg) / SANITY_FILENAME)
+    html, summary["trust"] = trust_section(cams, sanity, note, figs, rc.colormap)
+    if html is not None:
+        sections.append(("trust", "Trust", html))
 
 
 def image_root(cfg: RunConfig, paths: RunPaths, saved_runs_dir: str | None = None) -> Path:

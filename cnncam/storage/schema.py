@@ -48,6 +48,10 @@ METRIC_DTYPES: dict[str, np.dtype] = {
     "insertion_auc": np.dtype(np.float32),
     "energy_in_box": np.dtype(np.float32),
     "pointing_hit": np.dtype(np.int8),  # 1 hit, 0 miss, -1 no box
+    # issue 11: the exact pointing game (tolerance 0) and ROAD (mean target probability over percentiles)
+    "pointing_hit_exact": np.dtype(np.int8),
+    "road_morf": np.dtype(np.float32),
+    "road_lerf": np.dtype(np.float32),
 }
 METHODS: tuple[str, ...] = get_args(CamMethod)
 # Fixed-length NUL-terminated UTF-8: variable-length strings cannot go through the gzip /
@@ -84,7 +88,7 @@ REQUIRED_ATTRS = tuple(
 # more workers or a longer time limit still resumes its own parts.
 VOLATILE_CONFIG_KEYS = tuple(
     "runs_dir slurm report cam.num_workers cam.queue_size cam.out data.num_workers data.pin_memory "
-    "data.persistent_workers cam.durable".split()
+    "data.persistent_workers cam.durable sanity".split()
 )
 
 

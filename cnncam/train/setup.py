@@ -16,6 +16,7 @@ from cnncam.config import RunConfig
 from cnncam.data import (
     DatasetIndex,
     ImageDataset,
+    Sample,
     discover,
     eval_transform,
     load_index,
@@ -86,9 +87,22 @@ def build_data(cfg: RunConfig, paths: RunPaths, dist: D.DistInfo) -> DataBundle:
     pixels = cfg.data.max_image_pixels
 
     def make(split: str, tf: Callable[[Image.Image], torch.Tensor]) -> ImageDataset:
-        return ImageDataset(root, index.splits[split], tf, pixels, seed=cfg.seed)
+        samples = index.splits[split]
+        if split == "train" and cfg.data.permute_labels:  # sanity check: see permuted_labels
+            samples = permuted_labels(samples, cfg.seed)
+        return ImageDataset(root, samples, tf, pixels, seed=cfg.seed)
 
     return DataBundle(index, make("train", train_tf), make("val", eval_tf), make("test", eval_tf), mean, std)
+
+
+def permuted_labels(samples: list[Sample], seed: int) -> list[Sample]:
+    """``samples`` with their labels shuffled among them (a seeded permutation, class counts kept).
+
+    The data-randomisation sanity check (Adebayo et al., NeurIPS 2018) trains on these; the
+    saved split files keep the true labels, so evaluation and CAM export use the real ones.
+    """
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [(path, samples[j][1]) for (path, _), j in zip(samples, order)]
 
 
 def train_loader(
