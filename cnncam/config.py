@@ -126,6 +126,10 @@ class ModelConfig:
     # simple_cnn only: hidden units of an extra Linear-ReLU-Dropout before the classifier (0 = none).
     hidden: int = 0
     dropout: float = 0.3
+    # simple_cnn only: gap = global average pooling (any input size, CAM fast path); flatten = the
+    # seeds' Flatten -> Dense over a flatten_grid x flatten_grid pooled map (the classifier sees layout).
+    head: Literal["gap", "flatten"] = "gap"
+    flatten_grid: int = 4
 
     def __post_init__(self) -> None:
         if not self.channels or any(c <= 0 for c in self.channels):
@@ -137,6 +141,7 @@ class ModelConfig:
             raise ConfigError(f"model.hidden must be >= 0, got {self.hidden}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        _positive("model.flatten_grid", self.flatten_grid)
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 10  # iterations between metrics.jsonl lines
     sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under DDP on GPUs (CUDA only)
+    # cuDNN benchmark off + torch.use_deterministic_algorithms: bit-identical GPU resume, slower.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _positive("train.epochs", self.epochs)

@@ -2,15 +2,24 @@
 
 The seeds (Keras/PyTorch blog posts) stack 3-4 blocks of ``Conv 3x3 -> BN -> ReLU ->
 MaxPool 2`` and then ``Flatten -> Linear(C*h*w, ...)`` with ``h*w`` hard-coded for one
-input size (``nn.Linear(256 * 8 * 8, 512)`` for 128 px).  We keep the blocks but end with
-global average pooling, so the same network runs at 32, 64, 150 or 224 px and the last
-block's output is a CAM-friendly ``conv -> GAP -> linear`` head (Zhou et al., CVPR 2016,
-arXiv 1512.04150: with a GAP head, Grad-CAM equals the original CAM).
+input size (``nn.Linear(256 * 8 * 8, 512)`` for 128 px).  Two heads:
+
+* ``gap`` (default): global average pooling, so the same network runs at any input size and
+  the last block's output is a CAM-friendly ``conv -> GAP -> linear`` head (Zhou et al., CVPR
+  2016, arXiv 1512.04150: with a GAP head, Grad-CAM equals the original CAM, and the CAM engine
+  takes its no-backward fast path).  A GAP head only averages what each position sees, so the
+  blocks' receptive field (:func:`receptive_field`) should cover the image: with one conv per
+  block, three blocks see 22 px, far less than a 64-150 px input; two convs per block and
+  enough blocks fix that (the trainer warns when they do not).
+* ``flatten``: the seeds' spatial head.  The last feature map is average-pooled to a fixed
+  ``flatten_grid x flatten_grid`` (the identity when it already has that size, e.g. 64 px
+  after 4 blocks with grid 4), flattened and fed to the dense layers, so the classifier knows
+  *where* each feature is and the network still runs at any input size.
 
 Module names (stable, they appear in configs, HDF5 group names and reports)::
 
     features.block1.{conv1,bn1,relu1,...,pool}   ... features.blockN.*
-    pool     AdaptiveAvgPool2d(1)
+    pool     AdaptiveAvgPool2d(1) (gap) or GridPool(flatten_grid) (flatten)
     flatten
     hidden   Linear-ReLU-Dropout when ``hidden > 0``, else Identity
     dropout
@@ -43,8 +52,42 @@ def conv_block(in_channels: int, out_channels: int, convs: int) -> nn.Sequential
     return nn.Sequential(layers)
 
 
+def receptive_field(blocks: int, convs_per_block: int) -> int:
+    """Side in pixels of the input window one output position of the last block sees.
+
+    Each 3x3 conv widens the window by 2 x the current stride, each 2x2 max-pool by 1 x the
+    stride and then doubles the stride (Araujo et al., Distill 2019, "Computing receptive fields").
+    """
+    size, stride = 1, 1
+    for _ in range(blocks):
+        size += 2 * stride * convs_per_block
+        size += stride
+        stride *= 2
+    return size
+
+
+class GridPool(nn.Module):
+    """Average-pool (B, C, H, W) to (B, C, grid, grid); the identity when H == W == grid.
+
+    The identity case skips the pooling op on purpose: it is the seeds' exact Flatten -> Dense,
+    and CUDA's adaptive-pool backward has no deterministic kernel (``train.deterministic``).
+    """
+
+    def __init__(self, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] == (self.grid, self.grid):
+            return x
+        return nn.functional.adaptive_avg_pool2d(x, self.grid)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}"
+
+
 class SimpleCNN(nn.Module):
-    """Blocks of conv-BN-ReLU-pool, global average pooling, optional hidden layer, linear classifier.
+    """Blocks of conv-BN-ReLU-pool, a GAP or flatten head, optional hidden layer, linear classifier.
 
     Parameters
     ----------
@@ -60,6 +103,11 @@ class SimpleCNN(nn.Module):
         Dropout probability before ``fc`` (and inside ``hidden``).
     in_channels:
         Input image channels (3: grayscale X-rays are loaded as RGB).
+    head:
+        ``gap`` (global average pooling) or ``flatten`` (pool to ``flatten_grid`` squared cells,
+        flatten: the classifier sees the spatial layout).
+    flatten_grid:
+        Cells per side of the flatten head's grid.
     """
 
     def __init__(
@@ -70,6 +118,8 @@ class SimpleCNN(nn.Module):
         hidden: int = 0,
         dropout: float = 0.3,
         in_channels: int = 3,
+        head: str = "gap",
+        flatten_grid: int = 4,
     ) -> None:
         super().__init__()
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
@@ -78,7 +128,10 @@ class SimpleCNN(nn.Module):
             blocks[f"block{i}"] = conv_block(prev, out, convs_per_block)
             prev = out
         self.features = nn.Sequential(blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool: nn.Module = nn.AdaptiveAvgPool2d(1)
+        if head == "flatten":
+            self.pool = GridPool(flatten_grid)
+            prev *= flatten_grid * flatten_grid
         self.flatten = nn.Flatten(1)
         self.hidden: nn.Module = nn.Identity()
         if hidden > 0:
@@ -115,11 +168,13 @@ class SimpleCNN(nn.Module):
 
 
 def build_simple_cnn(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """``simple_cnn`` from ``model.channels``, ``convs_per_block``, ``hidden`` and ``dropout``."""
+    """``simple_cnn`` from ``model.channels``, ``convs_per_block``, ``head``, ``hidden`` and ``dropout``."""
     return SimpleCNN(
         num_classes,
         channels=cfg.channels,
         convs_per_block=cfg.convs_per_block,
         hidden=cfg.hidden,
         dropout=cfg.dropout,
+        head=cfg.head,
+        flatten_grid=cfg.flatten_grid,
     )
