@@ -110,21 +110,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Config keys that may change between a run's starts (they do not change the maths).
-RESUME_MUTABLE = (
+# Config keys that may change between a run's starts.  Everything else changes the maths of a step
+# (model, data, optimiser, precision, seed...) and is refused with the key named.  Honestly sorted:
+RESUME_FREE = (  # no effect on any number the run computes
     "name",
     "runs_dir",
-    "train.epochs",
-    "train.patience",
-    "train.log_every",
-    "train.compile",
-    "train.device",
-    "data.num_workers",
+    "data.root",  # the same files, moved: the split lists paths relative to it
+    "data.num_workers",  # per-sample seeding: tested to give bit-identical weights for 0 and 2
     "data.pin_memory",
     "data.persistent_workers",
-    "data.eval_batch_size",
-    "data.root",
+    "train.log_every",  # which iteration lines are written (and, under DDP, how soon a stop lands)
 )
+RESUME_RULED = (  # change what the run does from here on, by documented rules (see runstate.py)
+    "train.epochs",  # length; cosine LR re-defined over the new total from the current step on
+    "train.patience",  # when early stopping ends the run
+)
+RESUME_NUMERICS = (  # same maths, other kernels: results may differ in the last bits from here on
+    "train.device",
+    "train.compile",
+    "train.deterministic",
+    "data.eval_batch_size",  # validation sums in another order: val metrics may differ in the last bit
+)
+RESUME_MUTABLE = RESUME_FREE + RESUME_RULED + RESUME_NUMERICS
 RESUME_MUTABLE_SECTIONS = ("cam", "report", "slurm")
 
 
@@ -138,14 +145,21 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _mutable(key: str) -> bool:
+    return key in RESUME_MUTABLE or key.split(".")[0] in RESUME_MUTABLE_SECTIONS
+
+
+def config_changes(now: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Training keys (not cam/report/slurm) whose value differs: key -> (saved, now), sorted."""
+    a, b = _flatten(now), _flatten(saved)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return {k: (b.get(k), a.get(k)) for k in keys if k.split(".")[0] not in RESUME_MUTABLE_SECTIONS}
+
+
 def check_resume_config(now: dict[str, Any], saved: dict[str, Any], path: Any) -> None:
     """A run directory belongs to one experiment: refuse to resume it with different maths."""
     a, b = _flatten(now), _flatten(saved)
-    diff = [
-        k
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and k not in RESUME_MUTABLE and k.split(".")[0] not in RESUME_MUTABLE_SECTIONS
-    ]
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not _mutable(k)]
     if diff:
         details = ", ".join(f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in diff[:8])
         raise CheckpointError(
