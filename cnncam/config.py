@@ -130,6 +130,8 @@ class ModelConfig:
     # seeds' Flatten -> Dense over a flatten_grid x flatten_grid pooled map (the classifier sees layout).
     head: Literal["gap", "flatten"] = "gap"
     flatten_grid: int = 4
+    # simple_cnn only: max-pool after the last block too; false keeps its resolution (finer CAMs).
+    last_pool: bool = True
 
     def __post_init__(self) -> None:
         if not self.channels or any(c <= 0 for c in self.channels):

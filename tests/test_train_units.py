@@ -28,6 +28,7 @@ from cnncam.train.checkpoint import (
     load_checkpoint_and_sha256,
     rng_state,
     save_checkpoint,
+    seed_everything,
     set_rng_state,
 )
 from cnncam.train.distributed import DistInfo, first_host
@@ -194,13 +195,25 @@ def test_dist_info_from_slurm_env() -> None:
 
 
 def test_optimizer_choices_and_no_decay_on_norms() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    frozen = nn.Linear(2, 2)
+    frozen.requires_grad_(False)
+    model.append(frozen)
+    conv, bn, lin = model[0], model[1], model[3]
     for name, cls in [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)]:
-        cfg = load_config(None, [f"train.optimizer={name}", "train.weight_decay=0.1"]).train
+        cfg = load_config(None, [f"train.optimizer={name}", "train.weight_decay=0.1", "train.lr=0.05"]).train
         opt = build_optimizer(model, cfg)
         assert isinstance(opt, cls)
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
-        assert len(opt.param_groups[0]["params"]) == 1  # only the conv weight is decayed
+        assert [g["lr"] for g in opt.param_groups] == [0.05, 0.05]
+        # Weights of every rank >= 2 decay; biases and norm scales (rank 1) do not; frozen ones are left out.
+        decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+        assert decay == {id(conv.weight), id(lin.weight)}
+        assert no_decay == {id(conv.bias), id(bn.weight), id(bn.bias), id(lin.bias)}
+    sgd = build_optimizer(model, load_config(None, ["train.optimizer=sgd", "train.momentum=0.9"]).train)
+    assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["nesterov"] is True
+    plain = build_optimizer(model, load_config(None, ["train.optimizer=sgd", "train.momentum=0"]).train)
+    assert plain.param_groups[0]["nesterov"] is False  # torch refuses Nesterov without momentum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,3 +458,99 @@ def test_checkpoint_format_version_is_written_and_checked(tmp_path: Path) -> Non
     torch.save(raw, tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match=f"format_version {FORMAT_VERSION + 1}"):
         load_checkpoint(tmp_path / "c.pt")
+
+
+def test_fresh_early_stopping_and_sampler_state() -> None:
+    e = EarlyStopping("val_accuracy", patience=1, min_delta=0.0)
+    assert e.state_dict() == {"best": None, "best_epoch": -1, "bad_epochs": 0}
+    assert not e.should_stop  # patience 1 must not stop a run before its first epoch
+    s = EpochBatchSampler(20, 8, seed=1)
+    first = list(s)  # no set_epoch yet: epoch 0 from its start
+    s.set_epoch(0)
+    assert first == list(s) and all(e == 0 for batch in first for _, e in batch)
+    s.set_epoch(0, start_batch=len(s.global_batches(0)))
+    assert len(s) == 0 and list(s) == []  # resumed exactly at an epoch's end: nothing left
+
+
+def test_sampler_order_is_the_documented_permutation_and_cached() -> None:
+    s = EpochBatchSampler(50, 10, seed=3)
+    for epoch in (0, 1, 7):
+        expected = torch.randperm(50, generator=torch.Generator().manual_seed(3 * 1_000_003 + epoch))
+        assert torch.equal(torch.cat(s.global_batches(epoch)), expected)
+    # global_batch_size() runs every step: the permutation is computed once per epoch, not per call.
+    assert s.global_batches(7) is s.global_batches(7)
+
+
+def test_seed_everything_seeds_every_rng() -> None:
+    def draws() -> tuple[float, float, float]:
+        return float(torch.rand(1)), float(np.random.rand()), random.random()
+
+    seed_everything(5)
+    a = draws()
+    seed_everything(5)
+    assert draws() == a
+    seed_everything(6)
+    b = draws()
+    assert all(x != y for x, y in zip(a, b))
+    seed_everything(2**40 + 5)  # numpy takes 32-bit seeds: reduced, not an error
+    assert draws() != a
+
+
+def test_resume_check_fills_keys_added_since_with_their_defaults(tmp_path: Path) -> None:
+    now = to_dict(load_config(None, []))
+    old = to_dict(load_config(None, []))
+    del old["model"]["head"], old["train"]["deterministic"]  # a checkpoint from before these keys
+    check_resume_config(now, old, tmp_path / "last.pt")
+    assert config_changes(now, old) == {}
+    flat = to_dict(load_config(None, ["model.head=flatten"]))
+    with pytest.raises(CheckpointError, match=r"model\.head: 'gap' -> 'flatten'"):
+        check_resume_config(flat, old, tmp_path / "last.pt")
+    old["train"]["dropped_key"] = 1  # a key this version no longer has is a difference
+    with pytest.raises(CheckpointError, match=r"train\.dropped_key: 1 -> None"):
+        check_resume_config(now, old, tmp_path / "last.pt")
+
+
+def test_resume_refusal_lists_eight_keys_then_counts() -> None:
+    saved = to_dict(load_config(None, []))
+    keys = [
+        "train.lr=0.5",
+        "train.momentum=0.5",
+        "train.weight_decay=0.5",
+        "train.gamma=0.5",
+        "train.min_lr=0.0001",
+        "train.label_smoothing=0.5",
+        "train.warmup_epochs=3",
+        "train.step_size=3",
+        "train.plateau_factor=0.25",
+        "train.plateau_patience=9",
+    ]
+    now = to_dict(load_config(None, keys))
+    with pytest.raises(CheckpointError) as err:
+        check_resume_config(now, saved, "last.pt")
+    msg = str(err.value)
+    assert "(train.gamma: 0.1 -> 0.5, train.label_smoothing: 0.0 -> 0.5, train.lr: 0.001 -> 0.5, " in msg
+    assert msg.count(" -> ") == 8 and "and 2 more)" in msg
+
+
+def test_rng_state_restores_numpy_gaussian_cache_and_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    np.random.seed(0)
+    np.random.standard_normal()  # legacy numpy caches the second normal of each pair
+    state = rng_state()
+    assert state["numpy"]["has_gauss"] == 1
+    a = np.random.standard_normal(3)
+    set_rng_state(state)
+    assert np.array_equal(np.random.standard_normal(3), a)
+    # CUDA generators: restored when the checkpoint has them and a GPU is visible (recorded here).
+    calls: list[object] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", calls.append)
+    set_rng_state({**state, "cuda": [torch.ones(3, dtype=torch.uint8)]})
+    assert len(calls) == 1 and torch.equal(calls[0][0], torch.ones(3, dtype=torch.uint8))  # type: ignore[index]
+    set_rng_state({**state, "cuda": []})  # a checkpoint written on a CPU-only node
+    assert len(calls) == 1
+
+
+def test_sampler_keeps_an_eval_style_last_batch_of_one_and_counts_fresh() -> None:
+    plain = EpochBatchSampler(17, 8, seed=0, shuffle=False)
+    assert [len(b) for b in plain] == [8, 8, 1]  # in-order (evaluation) batches lose no sample
+    assert len(EpochBatchSampler(17, 8, seed=0)) == 2 and len(plain) == 3

@@ -18,7 +18,7 @@ input size (``nn.Linear(256 * 8 * 8, 512)`` for 128 px).  Two heads:
 
 Module names (stable, they appear in configs, HDF5 group names and reports)::
 
-    features.block1.{conv1,bn1,relu1,...,pool}   ... features.blockN.*
+    features.block1.{conv1,bn1,relu1,...,pool}   ... features.blockN.*  (no pool: model.last_pool false)
     pool     AdaptiveAvgPool2d(1) (gap) or GridPool(flatten_grid) (flatten)
     flatten
     hidden   Linear-ReLU-Dropout when ``hidden > 0``, else Identity
@@ -37,8 +37,11 @@ from torch import nn
 from cnncam.config import ModelConfig
 
 
-def conv_block(in_channels: int, out_channels: int, convs: int) -> nn.Sequential:
-    """``convs`` x (Conv 3x3 pad 1 -> BN -> ReLU), then MaxPool 2: (B, Cin, H, W) -> (B, Cout, H//2, W//2)."""
+def conv_block(in_channels: int, out_channels: int, convs: int, pool: bool = True) -> nn.Sequential:
+    """``convs`` x (Conv 3x3 pad 1 -> BN -> ReLU), then MaxPool 2 when ``pool``.
+
+    (B, Cin, H, W) -> (B, Cout, H//2, W//2), or (B, Cout, H, W) without the pool.
+    """
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     channels = in_channels
     for i in range(1, convs + 1):
@@ -48,42 +51,43 @@ def conv_block(in_channels: int, out_channels: int, convs: int) -> nn.Sequential
         # In-place like torchvision; the CAM engine reads hooked outputs before they are reused.
         layers[f"relu{i}"] = nn.ReLU(inplace=True)
         channels = out_channels
-    layers["pool"] = nn.MaxPool2d(2)
+    if pool:
+        layers["pool"] = nn.MaxPool2d(2)
     return nn.Sequential(layers)
 
 
-def receptive_field(blocks: int, convs_per_block: int) -> int:
+def receptive_field(blocks: int, convs_per_block: int, last_pool: bool = True) -> int:
     """Side in pixels of the input window one output position of the last block sees.
 
     Each 3x3 conv widens the window by 2 x the current stride, each 2x2 max-pool by 1 x the
     stride and then doubles the stride (Araujo et al., Distill 2019, "Computing receptive fields").
     """
     size, stride = 1, 1
-    for _ in range(blocks):
+    for b in range(blocks):
         size += 2 * stride * convs_per_block
-        size += stride
-        stride *= 2
+        if last_pool or b < blocks - 1:
+            size += stride
+            stride *= 2
     return size
 
 
-class GridPool(nn.Module):
+class GridPool(nn.AdaptiveAvgPool2d):
     """Average-pool (B, C, H, W) to (B, C, grid, grid); the identity when H == W == grid.
 
-    The identity case skips the pooling op on purpose: it is the seeds' exact Flatten -> Dense,
-    and CUDA's adaptive-pool backward has no deterministic kernel (``train.deterministic``).
+    An ``AdaptiveAvgPool2d`` (so CAM layer discovery treats it as the head's pool, not a feature
+    layer) that skips the op in the identity case on purpose: that is the seeds' exact
+    Flatten -> Dense, and CUDA's adaptive-pool backward has no deterministic kernel
+    (``train.deterministic``).
     """
 
     def __init__(self, grid: int) -> None:
-        super().__init__()
+        super().__init__(grid)
         self.grid = grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] == (self.grid, self.grid):
             return x
-        return nn.functional.adaptive_avg_pool2d(x, self.grid)
-
-    def extra_repr(self) -> str:
-        return f"grid={self.grid}"
+        return super().forward(x)
 
 
 class SimpleCNN(nn.Module):
@@ -108,6 +112,9 @@ class SimpleCNN(nn.Module):
         flatten: the classifier sees the spatial layout).
     flatten_grid:
         Cells per side of the flatten head's grid.
+    last_pool:
+        Max-pool after the last block too.  Without it the last block keeps its resolution: CAM
+        maps twice as fine (8x8 instead of 4x4 at 64 px after 4 blocks) for the same compute.
     """
 
     def __init__(
@@ -120,12 +127,13 @@ class SimpleCNN(nn.Module):
         in_channels: int = 3,
         head: str = "gap",
         flatten_grid: int = 4,
+        last_pool: bool = True,
     ) -> None:
         super().__init__()
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
         prev = in_channels
         for i, out in enumerate(channels, 1):
-            blocks[f"block{i}"] = conv_block(prev, out, convs_per_block)
+            blocks[f"block{i}"] = conv_block(prev, out, convs_per_block, pool=last_pool or i < len(channels))
             prev = out
         self.features = nn.Sequential(blocks)
         self.pool: nn.Module = nn.AdaptiveAvgPool2d(1)
@@ -160,7 +168,7 @@ class SimpleCNN(nn.Module):
         nn.init.normal_(self.fc.weight, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_channels, H, W) -> logits (B, num_classes); any H, W >= 2**len(channels)."""
+        """(B, in_channels, H, W) -> logits (B, num_classes); any H, W >= 2 ** (number of pools)."""
         x = self.features(x)
         x = self.flatten(self.pool(x))
         x = self.hidden(x)
@@ -177,4 +185,5 @@ def build_simple_cnn(cfg: ModelConfig, num_classes: int) -> nn.Module:
         dropout=cfg.dropout,
         head=cfg.head,
         flatten_grid=cfg.flatten_grid,
+        last_pool=cfg.last_pool,
     )

@@ -101,7 +101,7 @@ def warn_receptive_field(model: ModelConfig, image_size: int) -> bool:
     """Log a warning (and return True) when simple_cnn's GAP head cannot see a whole image."""
     if model.name != "simple_cnn" or model.head != "gap":
         return False
-    rf = receptive_field(len(model.channels), model.convs_per_block)
+    rf = receptive_field(len(model.channels), model.convs_per_block, model.last_pool)
     if rf >= image_size:
         return False
     log.warning(
