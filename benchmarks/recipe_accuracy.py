@@ -185,6 +185,7 @@ def train_cnncam(name: str, data: Path, out: Path, overrides: list[str]) -> dict
     val, test = curve(run)
     result = {"recipe": f"cnncam {config}", "wall_s": wall, "cpu_s": cpu, **summary(val, test, len(classes))}
     result["pointing_game"] = cnncam_pointing(cfg, run, data)
+    result["cam_layer"] = cfg.cam.layers[0]
     return result
 
 
@@ -202,7 +203,7 @@ def cnncam_pointing(cfg: Any, run: Path, data: Path) -> float | None:
     model = create_model(cfg.model, bundle.num_classes)
     model.load_state_dict(load_checkpoint(run / "checkpoints" / "best.pt")["model"])
     loader = eval_loader(bundle.test, cfg, DistInfo(), torch.device("cpu"))
-    return pointing(model, loader, boxes, "auto")
+    return pointing(model, loader, boxes, cfg.cam.layers[0])  # the config's first CAM layer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +291,7 @@ def seed_child(run: Path, data: Path, result_file: Path) -> None:
     boxes = test_boxes(cfg, data, index.splits["test"])
     pg = pointing(model, evals["test"], boxes, "features.7") if boxes else None  # the last conv's ReLU
     out = {**summary(val, accuracy("test"), len(index.classes)), "pointing_game": pg}
+    out["cam_layer"] = "features.7"
     result_file.write_text(json.dumps(out))
 
 
@@ -314,8 +316,8 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
 
     rows = [
         "| data | recipe | test acc | epochs to 95 % val | min val acc after epoch 3 (chance) | "
-        "pointing game | wall s | CPU s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "pointing game (layer) | wall s | CPU s |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for name, recs in results.items():
         for r in recs:
@@ -323,7 +325,8 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
                 f"| {name} | {r['recipe']} | {f(r['test_accuracy'], lambda v: f'{v:.3f}')} "
                 f"| {f(r['epochs_to_95'], str)} "
                 f"| {f(r['min_val_after_3'], lambda v: f'{v:.3f}')} ({r['chance']:.2f}) "
-                f"| {f(r['pointing_game'], lambda v: f'{v:.3f}')} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |"
+                f"| {f(r['pointing_game'], lambda v: f'{v:.3f}')} ({r['cam_layer']}) "
+                f"| {r['wall_s']:.0f} | {r['cpu_s']:.0f} |"
             )
     return "\n".join(rows)
 

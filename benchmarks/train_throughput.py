@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--data data/shapes] [--epochs 3] [--workers 2]
     python benchmarks/train_throughput.py --model resnet50 --size 224 --device cuda   # on a GPU
+    python benchmarks/train_throughput.py --set model.channels=[32,64,128] --set model.convs_per_block=1
 
 Both loops train the same model class on the same images with the same transforms, batch size,
 optimizer and precision; epochs alternate between the two so machine noise hits both alike.
@@ -116,6 +117,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument(
+        "--set", action="append", default=[], help="extra config override, e.g. model.channels=[8,16]"
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="cnncam-bench-"))
@@ -137,6 +141,7 @@ def main() -> int:
         base += [f"data.image_size={args.size}", f"data.resize={args.size}"]
     if args.batch_size:
         base.append(f"data.batch_size={args.batch_size}")
+    base += args.set
     settings = {
         "fp32": ["train.precision=fp32"],
         "bf16+channels_last": ["train.precision=bf16", "train.channels_last=true"],

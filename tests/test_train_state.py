@@ -179,3 +179,6 @@ def test_interrupted_run_cannot_shrink_below_what_it_trained(tmp_path: Path, dat
     assert (cfg.run_dir / "config.yaml").read_bytes() == config
     assert run_training(tiny_config(tmp_path, data, "train.epochs=2")).epoch == 2
     assert load_config(cfg.run_dir / "config.yaml").train.epochs == 2
+    # The same rule as for a finished run, recorded where it was applied (mid-epoch here).
+    (change,) = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if r["kind"] == "schedule"]
+    assert (change["from"], change["to"], change["step"]) == (3, 2, spe + 2)
