@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import math
@@ -70,14 +71,23 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: 
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="'.*nope.pt' does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "torn.pt").write_bytes(b"\x80\x02not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot be loaded"):
+    with pytest.raises(CheckpointError, match="'.*torn.pt' cannot be loaded"):
         load_checkpoint(tmp_path / "torn.pt")
     torch.save({"model": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="format_version"):
+    with pytest.raises(CheckpointError, match="'.*foreign.pt' has format_version None"):
         load_checkpoint(tmp_path / "foreign.pt")
+    torch.save([1, 2], tmp_path / "list.pt")  # not even a dict
+    with pytest.raises(CheckpointError, match="has format_version None"):
+        load_checkpoint(tmp_path / "list.pt")
+    # A pickled object is never unpickled (weights_only): loading it cannot run code.
+    torch.save({"format_version": FORMAT_VERSION, "evil": argparse.Namespace(a=1)}, tmp_path / "pickle.pt")
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        load_checkpoint(tmp_path / "pickle.pt")
+    save_checkpoint(tmp_path / "ok.pt", {"model": {}})
+    assert load_checkpoint_and_sha256(tmp_path / "ok.pt", digest=False)[1] == ""
 
 
 def test_rng_state_round_trip() -> None:
@@ -140,6 +150,7 @@ def test_step_and_plateau_schedules() -> None:
     q = _schedule("train.scheduler=plateau")
     q.load_state_dict(p.state_dict())
     assert q.set_step(0) == pytest.approx(0.5)
+    assert q.state_dict() == p.state_dict() == {"plateau_scale": 0.5, "plateau_best": 0.6, "plateau_bad": 0}
 
 
 def test_early_stopping() -> None:
@@ -314,6 +325,15 @@ def test_numerics_sets_and_restores_the_global_flags(monkeypatch: pytest.MonkeyP
     assert torch.backends.cudnn.benchmark == before[0]
 
 
+def test_schedule_with_one_step_per_epoch() -> None:
+    s = _schedule("train.scheduler=cosine", steps=1)  # 4 epochs of one step: the total is 4 steps
+    assert [s.factor(k) for k in range(5)] == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
+    )
+    st = _schedule("train.scheduler=step", "train.step_size=1", "train.gamma=0.5", steps=1)
+    assert [st.factor(k) for k in range(3)] == pytest.approx([1.0, 0.5, 0.25])
+
+
 def test_schedule_factors_follow_the_formulas() -> None:
     s = _schedule("train.scheduler=none", "train.warmup_epochs=0.5")  # 5 warm-up steps of 10/epoch
     assert [s.factor(k) for k in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
@@ -338,6 +358,8 @@ def test_plateau_waits_patience_epochs_then_scales() -> None:
     for loss in [0.95, 0.95]:
         p.epoch_end(loss, higher_is_better=False)
     assert p.factor(0) == pytest.approx(0.5)
+    p.epoch_end(0.95, higher_is_better=False)  # a third bad epoch: the scale shrinks again
+    assert p.factor(0) == pytest.approx(0.25)
     acc = _schedule("train.scheduler=plateau", "train.plateau_patience=0")
     acc.epoch_end(0.5, higher_is_better=True)
     acc.epoch_end(0.6, higher_is_better=True)  # higher accuracy is an improvement
@@ -489,11 +511,11 @@ def test_seed_everything_seeds_every_rng() -> None:
     a = draws()
     seed_everything(5)
     assert draws() == a
-    seed_everything(6)
+    seed_everything(7)
     b = draws()
     assert all(x != y for x, y in zip(a, b))
-    seed_everything(2**40 + 5)  # numpy takes 32-bit seeds: reduced, not an error
-    assert draws() != a
+    seed_everything(2**32 + 5)  # numpy takes 32-bit seeds: reduced modulo 2**32, not an error
+    assert draws()[1] == a[1]
 
 
 def test_resume_check_fills_keys_added_since_with_their_defaults(tmp_path: Path) -> None:
@@ -502,6 +524,9 @@ def test_resume_check_fills_keys_added_since_with_their_defaults(tmp_path: Path)
     del old["model"]["head"], old["train"]["deterministic"]  # a checkpoint from before these keys
     check_resume_config(now, old, tmp_path / "last.pt")
     assert config_changes(now, old) == {}
+    assert config_changes(now, {**old, "train": {**old["train"], "dropped_key": 1}}) == {
+        "train.dropped_key": (1, None)
+    }
     flat = to_dict(load_config(None, ["model.head=flatten"]))
     with pytest.raises(CheckpointError, match=r"model\.head: 'gap' -> 'flatten'"):
         check_resume_config(flat, old, tmp_path / "last.pt")
@@ -554,3 +579,25 @@ def test_sampler_keeps_an_eval_style_last_batch_of_one_and_counts_fresh() -> Non
     plain = EpochBatchSampler(17, 8, seed=0, shuffle=False)
     assert [len(b) for b in plain] == [8, 8, 1]  # in-order (evaluation) batches lose no sample
     assert len(EpochBatchSampler(17, 8, seed=0)) == 2 and len(plain) == 3
+
+
+def test_load_checkpoint_maps_devices_and_does_not_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_checkpoint(tmp_path / "c.pt", {"model": {"w": torch.ones(2)}})
+    assert load_checkpoint(tmp_path / "c.pt", "meta")["model"]["w"].device.type == "meta"
+    assert load_checkpoint(tmp_path / "c.pt")["model"]["w"].device.type == "cpu"
+
+    def no_hash(f: object) -> str:
+        raise AssertionError("load_checkpoint hashed the file: a full extra read of every checkpoint")
+
+    monkeypatch.setattr("cnncam.train.checkpoint.file_sha256", no_hash)
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["model"]["w"], torch.ones(2))
+
+
+def test_rng_state_saves_cuda_generators_when_a_gpu_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert rng_state()["cuda"] == [] or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.full((4,), 7, dtype=torch.uint8)])
+    state = rng_state()
+    assert len(state["cuda"]) == 1 and torch.equal(state["cuda"][0], torch.full((4,), 7, dtype=torch.uint8))
