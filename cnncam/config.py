@@ -180,6 +180,12 @@ class ModelConfig:
     # The input normalisation the model expects (e.g. timm's data config); None = data.normalize.
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    # simple_cnn only: gap = global average pooling (any input size, CAM fast path); flatten = the
+    # seeds' Flatten -> Dense over a flatten_grid x flatten_grid pooled map (the classifier sees layout).
+    head: Literal["gap", "flatten"] = "gap"
+    flatten_grid: int = 4
+    # simple_cnn only: max-pool after the last block too; false keeps its resolution (finer CAMs).
+    last_pool: bool = True
 
     def __post_init__(self) -> None:
         check_model_name(self.name)
@@ -196,6 +202,7 @@ class ModelConfig:
             raise ConfigError(f"model.hidden must be >= 0, got {self.hidden}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        _positive("model.flatten_grid", self.flatten_grid)
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 10  # iterations between metrics.jsonl lines
     sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under DDP on GPUs (CUDA only)
+    # cuDNN benchmark off + torch.use_deterministic_algorithms: bit-identical GPU resume, slower.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _positive("train.epochs", self.epochs)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+from PIL.PngImagePlugin import PngInfo
 
-from cnncam.data.images import BadImageError, load_rgb
+from cnncam.data.images import BadImageError, data_bit_depth, load_rgb, png_significant_bits
 
 BIG = 10_000_000
 
@@ -43,6 +44,45 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     # Clipping (Image.convert("L")) would give 255 for every non-zero value.
     np.testing.assert_array_equal(out[0, :, 0], [0, 100, 255, 16])
     np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+def test_12bit_png_keeps_every_grey_level(tmp_path: Path) -> None:
+    # A 12-bit X-ray in a 16-bit PNG: values 0..4095. Dividing by 257 would leave 17 grey levels.
+    arr = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    Image.fromarray(arr).save(tmp_path / "xray12.png")
+    out = np.asarray(load_rgb(tmp_path / "xray12.png", BIG))[..., 0]
+    assert len(np.unique(out)) == 256  # every 8-bit level used
+    assert out.min() == 0 and out.max() == 255
+    np.testing.assert_array_equal(out.ravel(), np.rint(np.arange(4096) * 255 / 4095).astype(np.uint8))
+
+
+def test_declared_significant_bits_win_over_the_data_maximum(tmp_path: Path) -> None:
+    # A dark 12-bit image (max 1000) that says so in its sBIT chunk is scaled as 12-bit, not
+    # brightened as if it were 10-bit data; without the chunk the maximum decides.
+    arr = np.array([[0, 500, 1000]], dtype=np.uint16)
+    info = PngInfo()
+    info.add(b"sBIT", bytes([12]))
+    Image.fromarray(arr).save(tmp_path / "declared.png", pnginfo=info)
+    Image.fromarray(arr).save(tmp_path / "plain.png")
+    assert png_significant_bits(tmp_path / "declared.png") == 12
+    assert png_significant_bits(tmp_path / "plain.png") is None
+    declared = np.asarray(load_rgb(tmp_path / "declared.png", BIG))[0, :, 0]
+    plain = np.asarray(load_rgb(tmp_path / "plain.png", BIG))[0, :, 0]
+    np.testing.assert_array_equal(declared, np.rint(np.array([0, 500, 1000]) * 255 / 4095))
+    np.testing.assert_array_equal(plain, np.rint(np.array([0, 500, 1000]) * 255 / 1023))
+    assert [data_bit_depth(v) for v in (0, 255, 256, 1023, 1024, 4095, 4096, 65535)] == [
+        8,
+        8,
+        10,
+        10,
+        12,
+        12,
+        14,
+        16,
+    ]
+    assert data_bit_depth(5000, declared=12) == 14  # a chunk that lies is ignored
+    (tmp_path / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    assert png_significant_bits(tmp_path / "torn.png") is None
 
 
 def test_palette_without_transparency(tmp_path: Path) -> None:

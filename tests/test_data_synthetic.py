@@ -1,4 +1,4 @@
-"""Synthetic shapes: deterministic bytes, correct boxes, layouts, folder safety, CLI."""
+"""Synthetic shapes and glyphs: deterministic bytes, correct boxes, layouts, folder safety, CLI."""
 
 from __future__ import annotations
 
@@ -7,12 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from cnncam.config import DataConfig
+from cnncam.config import DataConfig, SplitConfig
 from cnncam.data.dataset import discover, load_boxes
+from cnncam.data.glyphs import CHARSETS, check_charset, font_paths, glyph_rng, render_glyph
 from cnncam.data.splits import split_counts
-from cnncam.data.synthetic import MARKER, SHAPES, generate_shapes, image_rng, main, render_sample
+from cnncam.data.synthetic import (
+    MARKER,
+    SHAPES,
+    generate_glyphs,
+    generate_shapes,
+    image_rng,
+    main,
+    render_sample,
+)
 from cnncam.errors import ConfigError, DataError
 
 SIZE = 32
@@ -142,3 +151,93 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--out", str(tmp_path / "foreign")]) == 2
     assert "refusing to write" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "o2"), "--classes", "1"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendered glyphs
+
+
+def test_glyph_fonts_are_matplotlibs_and_render_every_character_distinctly() -> None:
+    import matplotlib
+
+    paths = font_paths()
+    assert len(paths) >= 12
+    assert all(
+        p.parent == Path(matplotlib.get_data_path()) / "fonts" / "ttf" for p in paths
+    )  # no system font
+    chars = CHARSETS["alnum"]
+    for path in paths:
+        font = ImageFont.truetype(str(path), 40)
+        renders = []
+        for c in chars:
+            im = Image.new("L", (48, 56), 0)
+            ImageDraw.Draw(im).text((4, 2), c, fill=255, font=font)
+            assert im.getbbox() is not None, f"{path.name} draws nothing for {c!r}"
+            renders.append(im.tobytes())
+        assert len(set(renders)) == len(chars), f"{path.name} draws two characters alike"
+
+
+@pytest.mark.parametrize("char", ["0", "1", "8", "A", "W"])
+def test_glyph_lies_in_its_tight_box_and_stands_out(char: str) -> None:
+    image, mask, box = render_glyph(char, 40, glyph_rng(3, 0, char, 5))
+    x0, y0, x1, y1 = box
+    assert 0 <= x0 < x1 <= 40 and 0 <= y0 < y1 <= 40
+    m = np.asarray(mask) > 0
+    ys, xs = np.nonzero(m)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == box
+    assert (y1 - y0) >= 0.25 * 40  # 0.5-0.95 em: at least a quarter of the image tall
+    pixels = np.asarray(image, dtype=np.float64).mean(axis=2)
+    outside = np.ones_like(m)
+    outside[y0:y1, x0:x1] = False
+    inked = np.asarray(mask) == 255
+    assert abs(pixels[inked].mean() - pixels[outside].mean()) > 40  # ink contrasts with the background
+
+
+def test_glyph_images_vary_and_repeat() -> None:
+    a = render_glyph("5", 32, glyph_rng(3, 0, "5", 1))
+    b = render_glyph("5", 32, glyph_rng(3, 0, "5", 1))
+    c = render_glyph("5", 32, glyph_rng(3, 0, "5", 2))
+    d = render_glyph("6", 32, glyph_rng(3, 0, "6", 1))
+    assert a[0].tobytes() == b[0].tobytes() and a[2] == b[2]  # same generator, same pixels
+    assert a[0].tobytes() != c[0].tobytes() and a[1].tobytes() != d[1].tobytes()
+    with pytest.raises(ConfigError, match="one character"):
+        render_glyph("10", 32, glyph_rng(3, 0, "1", 1))
+    with pytest.raises(ConfigError, match="did you mean 'digits'"):
+        check_charset("digit")
+
+
+def test_generate_glyphs_folder_boxes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = generate_glyphs(tmp_path / "g", "digits", num_classes=3, per_class=4, image_size=SIZE, seed=1)
+    files = _files(out)
+    assert sorted(files) == sorted(
+        [MARKER, "boxes.json"] + [f"{c}/{c}_{n:05d}.png" for c in "012" for n in range(1, 5)]
+    )
+    assert _files(generate_glyphs(tmp_path / "h", "digits", 3, 4, SIZE, 1)) == files  # byte-identical
+    marker = json.loads(files[MARKER])
+    assert marker["args"]["kind"] == "glyphs" and marker["args"]["fonts"] == [p.name for p in font_paths()]
+    boxes = load_boxes(out)
+    assert boxes is not None and set(boxes) == {k for k in files if k.endswith(".png")}
+    image, _mask, box = render_glyph("2", SIZE, glyph_rng(3, 1, "2", 3))
+    assert np.array_equal(np.asarray(Image.open(out / "2" / "2_00003.png")), np.asarray(image))
+    assert boxes["2/2_00003.png"] == box
+    index = discover(DataConfig(root=str(out), layout="single", split=SplitConfig(0.5, 0.25, 0.25)), seed=0)
+    assert index.classes == ["0", "1", "2"]
+
+    cli = tmp_path / "cli"
+    argv = [
+        "--out",
+        str(cli),
+        "--kind",
+        "glyphs",
+        "--charset",
+        "letters",
+        "--classes",
+        "2",
+        "--per-class",
+        "2",
+    ]
+    assert main(argv) == 0
+    assert "wrote 4 images of 2 classes (A, B)" in capsys.readouterr().out
+    assert Image.open(cli / "A" / "A_00001.png").size == (32, 32)  # the glyphs' default size
+    assert main(["--out", str(tmp_path / "bad"), "--kind", "glyphs", "--classes", "11"]) == 2
+    assert "num_classes must be within 2..10" in capsys.readouterr().err

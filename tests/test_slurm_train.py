@@ -18,6 +18,7 @@ from slurm_fixtures import (
     wait_all_done,
     wait_until,
 )
+from train_helpers import BEST_IS_FIRST, assert_same_run_state, checkpoint, epoch_rows
 
 from cnncam.runs import read_metrics
 
@@ -64,6 +65,14 @@ def _model(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]  # type: ignore[no-any-return]
 
 
+def _assert_same_run(straight: Path, broken: Path, epochs: int) -> None:
+    """Whole last.pt, best.pt and every epoch line equal; best.pt is not last.pt (BEST_IS_FIRST)."""
+    assert checkpoint(straight)["epoch"] == epochs and checkpoint(straight, "best.pt")["epoch"] == 1
+    assert_same_run_state(straight, broken, "last.pt")
+    assert_same_run_state(straight, broken, "best.pt")
+    assert epoch_rows(straight) == epoch_rows(broken)
+
+
 def test_train_on_gpu_partition_writes_the_run_dir(tmp_path: Path, shapes: Path) -> None:
     run = _train(tmp_path, shapes, "gpu", "--partition", "gpu", "--set", "train.epochs=1")
     rows = wait_all_done(run, 180)
@@ -101,6 +110,7 @@ def _wait_progress(run: Path, resumes: int, steps: int) -> None:
 def test_requeued_twice_is_bit_identical_to_uninterrupted(tmp_path: Path, shapes: Path) -> None:
     # ~240 short steps: slow enough to be signalled twice mid-run, even on a fast machine.
     args = ("--partition", "cpu", "--gpus", "0", "--set", "train.epochs=30", "--set", "data.batch_size=4")
+    args += ("--set", BEST_IS_FIRST[0])
     straight = _train(tmp_path, shapes, "straight", *args)
     broken = _train(tmp_path, shapes, "broken", *args)
     jid = job_id(broken, "train")
@@ -113,10 +123,7 @@ def test_requeued_twice_is_bit_identical_to_uninterrupted(tmp_path: Path, shapes
     assert statuses(broken)[0].restarts == 2
     log = _log(broken)
     assert "received SIGUSR2" in log and "received SIGTERM" in log and log.count("resumed from") == 2
-    a, b = _model(straight), _model(broken)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after two requeues"
+    _assert_same_run(straight, broken, 30)
 
 
 def test_ddp_two_cpu_tasks_match_one_task(tmp_path: Path, shapes: Path) -> None:
@@ -154,6 +161,8 @@ def test_ddp_requeue_resumes_bit_identically(tmp_path: Path, shapes: Path) -> No
         "train.epochs=6",
         "--set",
         "data.batch_size=4",
+        "--set",
+        BEST_IS_FIRST[0],
     )
     straight = _train(tmp_path, shapes, "ddp-straight", *args)
     broken = _train(tmp_path, shapes, "ddp-broken", *args)
@@ -162,5 +171,4 @@ def test_ddp_requeue_resumes_bit_identically(tmp_path: Path, shapes: Path) -> No
     rows = wait_all_done(broken, 300) + wait_all_done(straight, 300)
     assert [(r.state, r.restarts) for r in rows] == [("COMPLETED", 1), ("COMPLETED", 0)]
     assert _log(broken).count("resumed from") == 1 and "world 2" in _log(broken)
-    a, b = _model(straight), _model(broken)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(straight, broken, 6)

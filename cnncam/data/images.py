@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def _to_rgb(path: Path, im: Image.Image) -> Image.Image:
     if mode == "RGB" and "transparency" not in im.info:
         return im
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
-        return _high_depth_to_l(im).convert("RGB")
+        return _high_depth_to_l(im, png_significant_bits(path)).convert("RGB")
     if mode == "CMYK":
         # Pillow's JPEG decoder already undoes Adobe's inverted CMYK; the plain formula
         # conversion is what browsers do without a colour-managed profile.
@@ -160,15 +161,55 @@ def _on_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def _high_depth_to_l(im: Image.Image) -> Image.Image:
+# Bit depths that sensors and DICOM exports store in 16-bit containers.
+_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def data_bit_depth(max_value: int, declared: int | None = None) -> int:
+    """The bit depth 16-bit data uses: the PNG's declared significant bits (sBIT) when present,
+    else the smallest of 8, 10, 12, 14, 16 bits whose range holds ``max_value``."""
+    if declared is not None and 1 <= declared <= 16 and max_value < 2**declared:
+        return declared
+    return next(d for d in _DEPTHS if max_value < 2**d)
+
+
+def png_significant_bits(path: Path) -> int | None:
+    """The first value of a PNG's ``sBIT`` chunk (significant bits of the grey or red channel).
+
+    Pillow does not expose it; we read the chunks before the pixel data.  None for other files,
+    for PNGs without the chunk, and for anything malformed.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            for _ in range(64):  # sBIT precedes IDAT; a bounded walk over a foreign file
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                data = f.read(length)
+                if kind == b"sBIT":
+                    return data[0] if data else None
+                f.seek(4, 1)  # CRC
+    except OSError:
+        return None
+    return None
+
+
+def _high_depth_to_l(im: Image.Image, declared_bits: int | None = None) -> Image.Image:
     """16-bit / 32-bit grey -> 8-bit ``L`` by scaling, never by clipping.
 
-    ``convert("L")`` clips 16-bit values at 255, so a 12-bit X-ray turns almost white.
+    ``convert("L")`` clips 16-bit values at 255, so a 12-bit X-ray turns almost white; dividing
+    by 257 (the full 16-bit range) keeps only 16 of its grey levels.  Integer data is scaled by
+    the bit depth it uses (:func:`data_bit_depth`): 12-bit data 0..4095 -> 0..255, all 256 levels.
     """
     arr = np.asarray(im)
     if im.mode in _SIXTEEN_BIT_MODES or (im.mode == "I" and arr.min() >= 0 and arr.max() <= 65535):
-        # Full 16-bit range -> 8 bit: 65535 / 257 = 255 exactly.
-        scaled = np.rint(arr.astype(np.float64) / 257.0)
+        depth = data_bit_depth(int(arr.max()), declared_bits)
+        scaled = np.rint(arr.astype(np.float64) * (255.0 / (2**depth - 1)))
     elif im.mode == "F" and arr.min() >= 0.0 and arr.max() <= 1.0:
         scaled = np.rint(arr.astype(np.float64) * 255.0)
     else:

@@ -1,184 +1,44 @@
-"""A seeded synthetic image folder with known object boxes: ``python -m cnncam.data.synthetic``.
+"""Seeded synthetic image folders with known object boxes: ``python -m cnncam.data.synthetic``.
 
-Each image holds one filled shape (the class) at a random position, scale and colour on a
-noisy, blotchy background drawn from one distribution for every class, so a model can only
-classify by looking at the shape; ``boxes.json`` records where the shape is, so CAMs can be
-scored (pointing game, Zhang et al. 2016, arXiv 1608.00507) without any downloaded data.
+Two kinds.  ``shapes`` (default): each image holds one filled shape (the class) at a random
+position, scale and colour on a noisy, blotchy background drawn from one distribution for every
+class, so a model can only classify by looking at the shape.  ``glyphs``: digits or capital
+letters rendered from matplotlib's bundled TrueType fonts (:mod:`cnncam.data.glyphs`) with random
+font, size, rotation, position, stroke width, polarity, texture and noise -- closer to real
+scanned characters, still with no download.  ``boxes.json`` records where the object is, so CAMs
+can be scored (pointing game, Zhang et al. 2016, arXiv 1608.00507) without any downloaded data.
 
 Same arguments -> byte-identical files: every image draws from its own
-``numpy.random.Generator`` seeded by (seed, shape, image number), never from global RNG.
+``numpy.random.Generator`` seeded by (seed, class, image number), never from global RNG.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 from cnncam.config import SplitConfig
 from cnncam.console import track
+from cnncam.data.glyphs import CHARSETS, check_charset, font_paths, glyph_rng, render_glyph
+from cnncam.data.shapes import SHAPES as SHAPES
+from cnncam.data.shapes import Box as Box
+from cnncam.data.shapes import Rendered as Rendered
+from cnncam.data.shapes import image_rng as image_rng
+from cnncam.data.shapes import render_sample as render_sample
 from cnncam.data.splits import split_counts
 from cnncam.errors import CnncamError, ConfigError, DataError, choice_message
 from cnncam.runs import atomic_write_json, atomic_write_text
 
-SHAPES = (
-    "circle",
-    "square",
-    "triangle",
-    "cross",
-    "ring",
-    "star",
-    "diamond",
-    "stripes",
-    "hexagon",
-    "crescent",
-)
 MARKER = ".cnncam-synthetic.json"  # hidden, so discovery ignores it
 BOXES = "boxes.json"
-_SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges, exact coverage mask
-_TAG_IMAGE, _TAG_SPLIT = 1, 2  # first SeedSequence word keeps the two streams apart
-
-Box = tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """One synthetic sample. ``image``/``background``: RGB (S, S); ``mask``: L coverage 0..255."""
-
-    image: Image.Image
-    background: Image.Image
-    mask: Image.Image
-    box: Box  # x0, y0 inclusive; x1, y1 exclusive (PIL getbbox convention)
-
-
-def image_rng(seed: int, shape: str, number: int) -> np.random.Generator:
-    """The generator that draws image ``number`` (1-based) of ``shape``."""
-    return np.random.default_rng([_TAG_IMAGE, seed, SHAPES.index(shape), number])
-
-
-def render_sample(shape: str, image_size: int, rng: np.random.Generator) -> Rendered:
-    """Draw one ``shape`` on a fresh noisy background of side ``image_size``."""
-    if shape not in SHAPES:
-        raise ConfigError(choice_message("shape", shape, SHAPES))
-    background = _background(image_size, rng)
-    base = np.asarray(background, dtype=np.float64).reshape(-1, 3).mean(axis=0)
-    colour = _object_colour(base, rng)
-    mask = _shape_mask(shape, image_size, rng)
-    m = np.asarray(mask, dtype=np.float64)[..., None] / 255.0
-    pixels = np.asarray(background, dtype=np.float64) * (1.0 - m) + colour * m
-    image = Image.fromarray(np.rint(pixels).astype(np.uint8))
-    box = mask.getbbox()
-    if box is None:  # cannot happen: shapes are at least 25% of the image
-        raise DataError(f"internal error: empty {shape} mask")
-    return Rendered(image=image, background=background, mask=mask, box=tuple(int(v) for v in box))  # type: ignore[arg-type]
-
-
-def _background(size: int, rng: np.random.Generator) -> Image.Image:
-    """Low-contrast blotches + pixel noise around a dark-to-mid, slightly tinted grey.
-
-    Drawn before (and independently of) the class, so no background statistic predicts it.
-    """
-    grey = rng.uniform(40.0, 130.0)
-    base = np.clip(grey + rng.integers(-12, 13, size=3), 0, 255)
-    img = Image.new("RGB", (size, size), tuple(int(v) for v in base))
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 8))):
-        w, h = rng.uniform(0.1, 0.5, size=2) * size
-        x, y = rng.uniform(-0.1, 1.0, size=2) * size
-        tint = np.clip(base + rng.integers(-20, 21, size=3), 0, 255)
-        draw.ellipse([x, y, x + w, y + h], fill=tuple(int(v) for v in tint))
-    img = img.filter(ImageFilter.GaussianBlur(radius=max(1.0, size / 16)))
-    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0.0, 5.0, size=(size, size, 3))
-    return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
-
-
-def _object_colour(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Any hue, but clearly brighter than the background (mean channel >= base + 90).
-
-    Measured: with random colours of either polarity a 3-block CNN stays near chance
-    after 8 epochs on 600 images; one polarity makes the shape, not the colour contrast,
-    the thing to learn.  Bounded loop keeps it deterministic.
-    """
-    colour = rng.integers(0, 256, size=3)
-    for _ in range(200):
-        if colour.mean() >= base.mean() + 90:
-            break
-        colour = rng.integers(0, 256, size=3)
-    else:
-        colour = np.clip(base + 120, 0, 255).astype(np.int64)
-    return colour.astype(np.float64)
-
-
-def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """(S, S) L coverage mask of one shape; side 25-45% of the image, fully inside it."""
-    side = rng.uniform(0.25, 0.45) * size
-    # Rotated corners reach ~0.55 side from the centre; keep the whole shape in the image.
-    half = 0.56 * side
-    cx, cy = rng.uniform(half, size - half, size=2)
-    angle = math.radians(rng.uniform(-15.0, 15.0))
-    big = Image.new("L", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), 0)
-    draw = ImageDraw.Draw(big)
-    k = side * _SUPERSAMPLE
-
-    def to_px(points: Sequence[tuple[float, float]], rot: float = angle) -> list[tuple[float, float]]:
-        c, s = math.cos(rot), math.sin(rot)
-        return [
-            ((cx + (x * c - y * s) * side) * _SUPERSAMPLE, (cy + (x * s + y * c) * side) * _SUPERSAMPLE)
-            for x, y in points
-        ]
-
-    def disc(r: float, dx: float = 0.0, dy: float = 0.0, fill: int = 255) -> None:
-        x, y = (cx + dx * side) * _SUPERSAMPLE, (cy + dy * side) * _SUPERSAMPLE
-        draw.ellipse([x - r * k, y - r * k, x + r * k, y + r * k], fill=fill)
-
-    if shape == "circle":
-        disc(0.5)
-    elif shape == "ring":
-        disc(0.5)
-        disc(0.28, fill=0)
-    elif shape == "crescent":
-        disc(0.5)
-        bite = rng.uniform(0, 2 * math.pi)
-        disc(0.42, 0.25 * math.cos(bite), 0.25 * math.sin(bite), fill=0)
-    elif shape == "cross":
-        draw.polygon(to_px(_rect(0.5, 0.15)), fill=255)
-        draw.polygon(to_px(_rect(0.15, 0.5)), fill=255)
-    elif shape == "stripes":
-        for offset in (-0.36, -0.12, 0.12, 0.36):
-            draw.polygon(to_px([(x + offset, y) for x, y in _rect(0.06, 0.45)]), fill=255)
-    else:
-        draw.polygon(to_px(_POLYGONS[shape]), fill=255)
-    return big.reduce(_SUPERSAMPLE)
-
-
-def _rect(hw: float, hh: float) -> list[tuple[float, float]]:
-    return [(-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh)]
-
-
-def _regular(n: int, r_outer: float, r_inner: float | None = None) -> list[tuple[float, float]]:
-    radii = [r_outer] * n if r_inner is None else [r_outer, r_inner] * (n // 2)
-    return [
-        (r * math.sin(2 * math.pi * i / len(radii)), -r * math.cos(2 * math.pi * i / len(radii)))
-        for i, r in enumerate(radii)
-    ]
-
-
-# Unit shapes in a side-1 square centred on 0 (y down).
-_POLYGONS: dict[str, list[tuple[float, float]]] = {
-    "square": _rect(0.4, 0.4),
-    "triangle": [(0.0, -0.5), (0.5, 0.4), (-0.5, 0.4)],
-    "diamond": [(0.0, -0.5), (0.32, 0.0), (0.0, 0.5), (-0.32, 0.0)],  # taller than wide: not a square
-    "star": _regular(10, 0.5, 0.2),
-    "hexagon": _regular(6, 0.5),
-}
+_TAG_SPLIT, _TAG_GLYPH = 2, 3  # first SeedSequence word keeps the streams apart (1: shapes' images)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,34 +62,91 @@ def generate_shapes(
     arguments replaces exactly what the previous run wrote.  Classes are the first
     ``num_classes`` names of :data:`SHAPES`.  Returns ``out``.
     """
-    out = Path(out)
-    _validate(num_classes, per_class, image_size, seed, layout, fmt, split)
+    _validate(num_classes, per_class, image_size, seed, layout, fmt, split, len(SHAPES))
     shapes = SHAPES[:num_classes]
-    plan = _plan(shapes, per_class, seed, layout, fmt, split)
-    _prepare(out)
-    args = {
+
+    def draw(shape: str, number: int) -> tuple[Image.Image, Box]:
+        rendered = render_sample(shape, image_size, image_rng(seed, shape, number))
+        return rendered.image, rendered.box
+
+    keys = {shape: SHAPES.index(shape) for shape in shapes}
+    args: dict[str, object] = {
         "num_classes": num_classes,
         "per_class": per_class,
         "image_size": image_size,
         "seed": seed,
-        "layout": layout,
-        "fmt": fmt,
-        "split": list(split),
     }
+    return _write(Path(out), shapes, keys, draw, args, per_class, seed, layout, fmt, split, "shapes")
+
+
+def generate_glyphs(
+    out: Path,
+    charset: str = "digits",
+    num_classes: int | None = None,
+    per_class: int = 300,
+    image_size: int = 32,
+    seed: int = 0,
+    layout: Literal["single", "presplit"] = "single",
+    fmt: Literal["png", "jpg"] = "png",
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> Path:
+    """Write rendered glyphs ``out/<char>/<char>_00001.png ...`` (see :mod:`cnncam.data.glyphs`).
+
+    Classes are the first ``num_classes`` characters of ``charset`` (``digits``: 0-9, ``letters``:
+    A-Z, ``alnum``: both; default all of them).  ``boxes.json`` and the marker as for
+    :func:`generate_shapes`.  Returns ``out``.
+    """
+    chars = check_charset(charset)
+    num_classes = len(chars) if num_classes is None else num_classes
+    _validate(num_classes, per_class, image_size, seed, layout, fmt, split, len(chars))
+    classes = tuple(chars[:num_classes])
+
+    def draw(char: str, number: int) -> tuple[Image.Image, Box]:
+        image, _mask, box = render_glyph(char, image_size, glyph_rng(_TAG_GLYPH, seed, char, number))
+        return image, box
+
+    keys = {c: 1000 + ord(c) for c in classes}  # split streams apart from the shapes' class indices
+    args: dict[str, object] = {
+        "charset": charset,
+        "num_classes": num_classes,
+        "per_class": per_class,
+        "image_size": image_size,
+        "seed": seed,
+        "fonts": [p.name for p in font_paths()],
+    }
+    return _write(Path(out), classes, keys, draw, args, per_class, seed, layout, fmt, split, "glyphs")
+
+
+def _write(
+    out: Path,
+    classes: Sequence[str],
+    keys: dict[str, int],
+    draw: Callable[[str, int], tuple[Image.Image, Box]],
+    args: dict[str, object],
+    per_class: int,
+    seed: int,
+    layout: str,
+    fmt: str,
+    split: tuple[float, float, float],
+    kind: str,
+) -> Path:
+    plan = _plan(classes, keys, per_class, seed, layout, fmt, split)
+    _prepare(out)
+    args = {"kind": kind, **args, "layout": layout, "fmt": fmt, "split": list(split)}
     atomic_write_json(
         out / MARKER,
         {"generator": "cnncam.data.synthetic", "version": 1, "args": args, "files": sorted(plan) + [BOXES]},
     )
     boxes: dict[str, list[int]] = {}
-    for rel, (shape, number) in track(plan.items(), total=len(plan), desc="drawing shapes", unit="img"):
-        rendered = render_sample(shape, image_size, image_rng(seed, shape, number))
+    for rel, (name, number) in track(plan.items(), total=len(plan), desc=f"drawing {kind}", unit="img"):
+        image, box = draw(name, number)
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "png":
-            rendered.image.save(target, format="PNG")
+            image.save(target, format="PNG")
         else:
-            rendered.image.save(target, format="JPEG", quality=95)
-        boxes[rel] = list(rendered.box)
+            image.save(target, format="JPEG", quality=95)
+        boxes[rel] = list(box)
     # One entry per line, sorted: readable, diff-able and byte-identical across runs.
     lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(boxes[k])}" for k in sorted(boxes))
     atomic_write_text(out / BOXES, "{\n" + lines + "\n}\n")
@@ -244,9 +161,10 @@ def _validate(
     layout: str,
     fmt: str,
     split: tuple[float, float, float],
+    max_classes: int,
 ) -> None:
-    if not 2 <= num_classes <= len(SHAPES):
-        raise ConfigError(f"num_classes must be within 2..{len(SHAPES)}, got {num_classes}")
+    if not 2 <= num_classes <= max_classes:
+        raise ConfigError(f"num_classes must be within 2..{max_classes}, got {num_classes}")
     if per_class < 1:
         raise ConfigError(f"per_class must be >= 1, got {per_class}")
     if image_size < 16:
@@ -263,9 +181,15 @@ def _validate(
 
 
 def _plan(
-    shapes: Sequence[str], per_class: int, seed: int, layout: str, fmt: str, split: tuple[float, float, float]
+    shapes: Sequence[str],
+    keys: dict[str, int],
+    per_class: int,
+    seed: int,
+    layout: str,
+    fmt: str,
+    split: tuple[float, float, float],
 ) -> dict[str, tuple[str, int]]:
-    """Relative path -> (shape, 1-based number), in writing order."""
+    """Relative path -> (class, 1-based number), in writing order; ``keys`` seed each class's split."""
     plan: dict[str, tuple[str, int]] = {}
     for shape in shapes:
         names = [f"{shape}/{shape}_{n:05d}.{fmt}" for n in range(1, per_class + 1)]
@@ -273,7 +197,7 @@ def _plan(
             plan.update({name: (shape, n) for n, name in enumerate(names, 1)})
             continue
         # Same per-class shuffle-then-count rule as data discovery uses for `single`.
-        order = np.random.default_rng([_TAG_SPLIT, seed, SHAPES.index(shape)]).permutation(per_class)
+        order = np.random.default_rng([_TAG_SPLIT, seed, keys[shape]]).permutation(per_class)
         n_train, n_val, _ = split_counts(per_class, split)
         if n_train == 0:
             raise ConfigError(f"split {split} leaves no training image of {per_class} per class")
@@ -318,16 +242,39 @@ def _prepare(out: Path) -> None:
 # CLI
 
 
+# (per class, image size) when --per-class / --size are not given.
+_CLI_DEFAULTS = {"shapes": (150, 64), "glyphs": (300, 32)}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cnncam.data.synthetic", description=__doc__.split("\n")[0])
     p.add_argument(
         "--out", type=Path, required=True, help="folder to write (new, empty or made by this tool)"
     )
     p.add_argument(
-        "--classes", type=int, default=4, help=f"number of shapes, 2..{len(SHAPES)}: {', '.join(SHAPES)}"
+        "--kind",
+        choices=["shapes", "glyphs"],
+        default="shapes",
+        help="shapes: filled shapes on blotchy noise; glyphs: digits/letters in matplotlib's fonts",
     )
-    p.add_argument("--per-class", type=int, default=150, help="images per class")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument(
+        "--charset",
+        choices=list(CHARSETS),
+        default="digits",
+        help="glyphs only: digits (0-9), letters (A-Z) or alnum (both)",
+    )
+    p.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help=f"number of classes (default: shapes 4; glyphs the whole charset). Shapes: {', '.join(SHAPES)}",
+    )
+    p.add_argument(
+        "--per-class", type=int, default=None, help="images per class (default: shapes 150, glyphs 300)"
+    )
+    p.add_argument(
+        "--size", type=int, default=None, help="image side in pixels (default: shapes 64, glyphs 32)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--layout",
@@ -350,22 +297,29 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m cnncam.data.synthetic`` / ``cnncam-synth``; returns the exit code."""
     args = _parser().parse_args(argv)
+    per_class, size = _CLI_DEFAULTS[args.kind]
+    per_class = per_class if args.per_class is None else args.per_class
+    size = size if args.size is None else args.size
+    common = {
+        "per_class": per_class,
+        "image_size": size,
+        "seed": args.seed,
+        "layout": args.layout,
+        "fmt": args.fmt,
+        "split": tuple(args.split),
+    }
     try:
-        out = generate_shapes(
-            args.out,
-            num_classes=args.classes,
-            per_class=args.per_class,
-            image_size=args.size,
-            seed=args.seed,
-            layout=args.layout,
-            fmt=args.fmt,
-            split=tuple(args.split),
-        )
+        if args.kind == "glyphs":
+            classes = list(check_charset(args.charset)[: args.classes])
+            out = generate_glyphs(args.out, charset=args.charset, num_classes=args.classes, **common)
+        else:
+            classes = list(SHAPES[: args.classes or 4])
+            out = generate_shapes(args.out, num_classes=args.classes or 4, **common)
     except CnncamError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    total = args.classes * args.per_class
-    print(f"wrote {total} images of {args.classes} classes ({', '.join(SHAPES[: args.classes])}) to {out}")
+    total = len(classes) * per_class
+    print(f"wrote {total} images of {len(classes)} classes ({', '.join(classes)}) to {out}")
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 
 from cnncam.errors import CheckpointError
 from cnncam.runs import atomic_write
+from cnncam.typed_config import to_dict
 
 FORMAT_VERSION = 1
 
@@ -110,21 +111,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Config keys that may change between a run's starts (they do not change the maths).
-RESUME_MUTABLE = (
+# Config keys that may change between a run's starts.  Everything else changes the maths of a step
+# (model, data, optimiser, precision, seed...) and is refused with the key named.  Honestly sorted:
+RESUME_FREE = (  # no effect on any number the run computes
     "name",
     "runs_dir",
-    "train.epochs",
-    "train.patience",
-    "train.log_every",
-    "train.compile",
-    "train.device",
-    "data.num_workers",
+    "data.root",  # the same files, moved: the split lists paths relative to it
+    "data.num_workers",  # per-sample seeding: tested to give bit-identical weights for 0 and 2
     "data.pin_memory",
     "data.persistent_workers",
-    "data.eval_batch_size",
-    "data.root",
+    "train.log_every",  # which iteration lines are written (and, under DDP, how soon a stop lands)
 )
+RESUME_RULED = (  # change what the run does from here on, by documented rules (see runstate.py)
+    "train.epochs",  # length; cosine LR re-defined over the new total from the current step on
+    "train.patience",  # when early stopping ends the run
+)
+RESUME_NUMERICS = (  # same maths, other kernels: results may differ in the last bits from here on
+    "train.device",
+    "train.compile",
+    "train.deterministic",
+    "data.eval_batch_size",  # validation sums in another order: val metrics may differ in the last bit
+)
+RESUME_MUTABLE = RESUME_FREE + RESUME_RULED + RESUME_NUMERICS
 RESUME_MUTABLE_SECTIONS = ("cam", "report", "slurm")
 
 
@@ -138,16 +146,42 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume_config(now: dict[str, Any], saved: dict[str, Any], path: Any) -> None:
-    """A run directory belongs to one experiment: refuse to resume it with different maths."""
+def _mutable(key: str) -> bool:
+    return key in RESUME_MUTABLE or key.split(".")[0] in RESUME_MUTABLE_SECTIONS
+
+
+def _flat_pair(now: dict[str, Any], saved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both configs flattened; keys the saved one lacks take the schema default.
+
+    A key added to the schema after a run started defaults to the old behaviour (the rule for
+    every new key), so checkpoints of older versions resume; a key the schema dropped still
+    counts as a difference.
+    """
+    from cnncam.config import RunConfig
+
+    defaults = _flatten(to_dict(RunConfig()))
     a, b = _flatten(now), _flatten(saved)
-    diff = [
-        k
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and k not in RESUME_MUTABLE and k.split(".")[0] not in RESUME_MUTABLE_SECTIONS
-    ]
+    return a, {**{k: v for k, v in defaults.items() if k in a}, **b}
+
+
+def config_changes(now: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Training keys (not cam/report/slurm) whose value differs: key -> (saved, now), sorted."""
+    a, b = _flat_pair(now, saved)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return {k: (b.get(k), a.get(k)) for k in keys if k.split(".")[0] not in RESUME_MUTABLE_SECTIONS}
+
+
+def check_resume_config(now: dict[str, Any], saved: dict[str, Any], path: Any, shown: int = 8) -> None:
+    """A run directory belongs to one experiment: refuse to resume it with different maths.
+
+    The error names every changed key (the first ``shown``, then how many more) with both values.
+    """
+    a, b = _flat_pair(now, saved)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not _mutable(k)]
     if diff:
-        details = ", ".join(f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in diff[:8])
+        details = ", ".join(f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in diff[:shown])
+        if len(diff) > shown:
+            details += f" and {len(diff) - shown} more"
         raise CheckpointError(
             f"{path} was written with a different config ({details}). Use a new run name "
             f"(--set name=...) or delete the run directory to start over."

@@ -8,6 +8,8 @@ recent torch), which is how the CPU tests exercise these paths.
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,3 +52,33 @@ class Precision:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self.scaler.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def numerics(deterministic: bool, device: torch.device) -> Iterator[None]:
+    """Kernel choice for a training run; the previous global settings come back on exit.
+
+    ``deterministic``: cuDNN autotuning off, ``torch.use_deterministic_algorithms(True)`` (an op
+    without a deterministic kernel then raises) and cuBLAS's fixed workspace -- bit-identical GPU
+    runs and resumes, at some speed.  Otherwise cuDNN autotunes (benchmark=True) on CUDA.
+    CPU kernels are deterministic either way (for a fixed thread count).
+    """
+    saved = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if deterministic:
+        # Read when cuBLAS creates its handle, i.e. at the first matmul: early enough here.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])

@@ -1,10 +1,12 @@
 """A resumable, rank-aware batch sampler.
 
-The order of epoch ``e`` is a permutation seeded by ``(seed, e)`` alone, so resuming at
-batch ``k`` of epoch ``e`` needs nothing but ``(e, k)``.  Each *global* batch (the batch a
+The order of epoch ``e`` is ``torch.randperm(n, generator=Generator().manual_seed(seed * 1_000_003 + e))``:
+a function of ``(seed, e)`` alone, so resuming at batch ``k`` of epoch ``e`` needs nothing but
+``(e, k)``, and a run keeps its order across cnncam versions (a changed formula would break the
+exact resume of runs started with the old one).  Each *global* batch (the batch a
 single-GPU run would see) is split across ranks, so an N-rank run sees exactly the
 same global batches as a 1-rank run; the loss is normalised by the global batch size
-(see ``loop.py``) which makes DDP's gradient average equal the 1-rank gradient.
+(see ``trainer.py``) which makes DDP's gradient average equal the 1-rank gradient.
 
 It yields ``(index, epoch)`` pairs: the dataset seeds each sample's augmentation from
 them, which stays correct with persistent DataLoader workers (they never see

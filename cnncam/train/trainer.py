@@ -8,7 +8,15 @@ Exact resume: the checkpoint holds model, optimizer, LR schedule, grad scaler,
 early-stopping state, the position (epoch, batch) inside the epoch, the running
 epoch sums and every RNG (per rank).  Sample order and augmentation are pure
 functions of (seed, epoch, index) — see ``sampler.py`` and ``ImageDataset`` — so
-"2 epochs" and "1 epoch, stop, resume, 1 epoch" produce bit-identical weights on CPU.
+"2 epochs" and "1 epoch, stop, resume, 1 epoch" produce bit-identical weights on CPU
+(and on GPU with ``train.deterministic``).
+
+Run state: ``last.pt`` is always the state after the last completed step (the final test
+evaluates ``best.pt`` in a separate model instance and leaves every RNG as it found it), so a
+finished run extended with more epochs continues exactly where it stopped.
+
+No host synchronisation per step: the metric sums stay on the device and are read every
+``train.log_every`` steps; under DDP the stop flag rides on that same all-reduce.
 """
 
 from __future__ import annotations
@@ -30,15 +38,17 @@ from cnncam.stop import StopFlag
 from cnncam.train import distributed as D
 from cnncam.train.checkpoint import (
     check_resume_config,
+    config_changes,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
 )
-from cnncam.train.evaluate import evaluate, write_predictions
+from cnncam.train.evaluate import evaluate
 from cnncam.train.optim import EarlyStopping, LRSchedule, build_optimizer
-from cnncam.train.precision import Precision
+from cnncam.train.precision import Precision, numerics
+from cnncam.train.runstate import final_test, gather_objects, has_work, record_changes, warn_receptive_field
 from cnncam.train.sampler import EpochBatchSampler
 from cnncam.train.setup import DataBundle, build_data, build_model, eval_loader, train_loader
 
@@ -60,11 +70,12 @@ def run_training(cfg: RunConfig, stop: StopFlag | None = None) -> TrainResult:
     dist = D.DistInfo.from_env()
     setup_logging(dist.rank)
     device = D.select_device(cfg.train.device, dist)
-    D.init_process_group(dist, device)
-    try:
-        return Trainer(cfg, dist, device, stop or StopFlag()).fit()
-    finally:
-        D.destroy_process_group()
+    with numerics(cfg.train.deterministic, device):
+        D.init_process_group(dist, device)
+        try:
+            return Trainer(cfg, dist, device, stop or StopFlag()).fit()
+        finally:
+            D.destroy_process_group()
 
 
 class Trainer:
@@ -72,14 +83,12 @@ class Trainer:
         self.cfg, self.dist, self.device, self.stop = cfg, dist, device, stop
         self.paths = RunPaths(cfg.run_dir)
         self.tc = cfg.train
+        self.changes: dict[str, tuple[Any, Any]] = {}  # config keys changed since the checkpoint
         ckpt = self._load_last()
+        self.resumed = ckpt is not None
         if dist.is_main:
             self.paths.root.mkdir(parents=True, exist_ok=True)
-            write_config(self.paths, cfg)
-            write_provenance(self.paths, cfg.seed, resumed=ckpt is not None)
         seed_everything(cfg.seed + dist.rank)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
         self.data: DataBundle = build_data(cfg, self.paths, dist)
         self.model, self.ddp_model = build_model(cfg, self.data.num_classes, device, dist)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -99,17 +108,18 @@ class Trainer:
         self.metrics = MetricsLog(self.paths.metrics, enabled=dist.is_main)
         self.loader = train_loader(self.data.train, self.sampler, cfg, device)
         self.val_loader = eval_loader(self.data.val, cfg, dist, device) if len(self.data.val) else None
-        # Position and running sums; overwritten by a checkpoint.
+        # Position and running sums; overwritten by a checkpoint.  The sums live on the device
+        # (float64: exact counts, order-independent enough) and are read every log_every steps.
         self.epoch, self.batch, self.global_step, self.finished = 0, 0, 0, False
-        self.sums = torch.zeros(3, dtype=torch.float64)  # epoch loss_sum, correct, count
-        self.window = torch.zeros(4, dtype=torch.float64)  # loss_sum, correct, count, seconds
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # epoch loss_sum, correct, count
+        self.window = torch.zeros(3, dtype=torch.float64, device=device)  # the same since the last log line
+        self.window_seconds = 0.0
         if ckpt is not None:
             self._restore(ckpt)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        if self.finished:
-            log.info("run %s already finished at epoch %d; nothing to do", self.paths.root, self.epoch)
+        if not self._start():
             return self._result("completed", None)
         log.info(
             "training %s: %d train / %d val images, %d classes, %d steps/epoch, device %s, %s, world %d",
@@ -137,6 +147,32 @@ class Trainer:
         self._save(self.paths.last_ckpt, full=True)
         return self._result("completed", test_acc)
 
+    def _start(self) -> bool:
+        """Decide whether there is work; only then apply the config (config.yaml, provenance, records)."""
+        if not has_work(
+            self.tc, self.epoch, self.batch, self.finished, self.early.should_stop, self.paths.last_ckpt
+        ):
+            log.info(
+                "run %s already finished at epoch %d (train.epochs=%d); nothing to do, config.yaml unchanged",
+                self.paths.root,
+                self.epoch,
+                self.tc.epochs,
+            )
+            return False
+        if self.finished:
+            log.info("extending finished run %s: epoch %d -> %d", self.paths.root, self.epoch, self.tc.epochs)
+            self.finished = False
+        warn_receptive_field(self.cfg.model, self.cfg.data.image_size)
+        self.metrics.truncate_after(self.global_step)  # lines logged after the checkpoint come again
+        if self.dist.is_main:
+            write_config(self.paths, self.cfg)
+            write_provenance(self.paths, self.cfg.seed, resumed=self.resumed)
+            next_lr = self.tc.lr * self.schedule.factor(self.global_step)
+            record_changes(
+                self.paths, self.metrics, self.changes, self.tc, self.epoch, self.global_step, next_lr
+            )
+        return True
+
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; False when stopped early (checkpoint written)."""
         model = set_train_mode(self.ddp_model, self.cfg.model)
@@ -159,57 +195,53 @@ class Trainer:
             loss = loss_sum * (self.dist.world_size / gbs)
             self.optimizer.zero_grad(set_to_none=True)
             self.precision.backward_step(loss, self.optimizer, self.params, self.tc.grad_clip)
-            step_stats = torch.stack(
+            # Device-side sums, no .item()/.cpu(): the host never waits for the GPU here.
+            stats = torch.stack(
                 [
                     loss_sum.detach().double(),
                     (logits.argmax(1) == labels).sum().double(),
-                    torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device),
+                    torch.full((), labels.numel(), dtype=torch.float64, device=self.device),
                 ]
-            ).cpu()
-            self.sums += step_stats
+            )
+            self.sums += stats
+            self.window += stats
             now = time.perf_counter()
-            self.window += torch.cat([step_stats, torch.tensor([now - tick], dtype=torch.float64)])
+            self.window_seconds += now - tick
             tick = now
             self.batch += 1
             self.global_step += 1
-            if self.global_step % self.tc.log_every == 0:
-                self._log_window(lr)
-            if D.any_rank(self.stop.requested, self.device):
+            if self._poll(lr):
                 self._save(self.paths.last_ckpt, full=True)
                 return False
         return True
 
+    def _poll(self, lr: float) -> bool:
+        """Write the log_every line when due; True when a stop was requested (on any rank).
+
+        One process reads the flag every step (a Python bool: free).  DDP ranks must stop at the
+        same step, which needs an all-reduce: it rides on the log line's, so there is no extra
+        sync and a stop lands within ``train.log_every`` steps.
+        """
+        requested = self.stop.requested
+        due = self.global_step % self.tc.log_every == 0
+        if self.dist.is_distributed:
+            return self._log_window(lr, requested) if due else False
+        if due:
+            self._log_window(lr, requested)
+        return requested
+
     def _end_epoch(self) -> None:
-        sums = D.all_reduce_sum(self.sums.to(self.device)).cpu()
+        sums = D.all_reduce_sum(self.sums.clone()).cpu()
         train_loss, train_acc = _ratio(sums[0], sums[2]), _ratio(sums[1], sums[2])
         lr = self.optimizer.param_groups[0]["lr"]
-        self.metrics.append(
-            {
-                "split": "train",
-                "kind": "epoch",
-                "epoch": self.epoch + 1,
-                "step": self.global_step,
-                "loss": train_loss,
-                "accuracy": train_acc,
-                "lr": lr,
-            }
-        )
+        row = {"kind": "epoch", "epoch": self.epoch + 1, "step": self.global_step, "lr": lr}
+        self.metrics.append({"split": "train", **row, "loss": train_loss, "accuracy": train_acc})
         if self.val_loader is not None:
             val = evaluate(
                 self.ddp_model, self.val_loader, self.precision, self.device, self.tc.channels_last
             )
             val_loss, val_acc = val.loss, val.accuracy
-            self.metrics.append(
-                {
-                    "split": "val",
-                    "kind": "epoch",
-                    "epoch": self.epoch + 1,
-                    "step": self.global_step,
-                    "loss": val_loss,
-                    "accuracy": val_acc,
-                    "lr": lr,
-                }
-            )
+            self.metrics.append({"split": "val", **row, "loss": val_loss, "accuracy": val_acc})
         else:  # no validation split: monitor the training metrics instead
             val_loss, val_acc = train_loss, train_acc
         monitored = val_acc if self.tc.monitor == "val_accuracy" else val_loss
@@ -240,8 +272,10 @@ class Trainer:
                 self.early.best_epoch,
             )
 
-    def _log_window(self, lr: float) -> None:
-        w = D.all_reduce_sum(self.window.to(self.device)).cpu()
+    def _log_window(self, lr: float, stop: bool) -> bool:
+        """Append the iteration line (sums over ranks); returns whether any rank asked to stop."""
+        extra = torch.tensor([self.window_seconds, float(stop)], dtype=torch.float64)
+        w = D.all_reduce_sum(torch.cat([self.window, extra.to(self.device)])).cpu()
         seconds = float(w[3]) / self.dist.world_size
         self.metrics.append(
             {
@@ -256,46 +290,23 @@ class Trainer:
             }
         )
         self.window.zero_()
+        self.window_seconds = 0.0
+        return bool(w[4] > 0)
 
     def _final_test(self) -> float | None:
-        """Evaluate best.pt on the test split (rank 0) → predictions.csv, confusion_matrix.json."""
-        if not len(self.data.test):
-            log.info("no test split: skipping final evaluation")
-            return None
+        """best.pt on the test split (rank 0, a separate model) → predictions.csv, confusion_matrix.json."""
         acc = None
         if self.dist.is_main:
-            model = unwrap(self.model)
-            if self.paths.best_ckpt.exists():
-                model.load_state_dict(load_checkpoint(self.paths.best_ckpt, self.device)["model"])
-            loader = eval_loader(self.data.test, self.cfg, D.DistInfo(), self.device)
-            res = evaluate(
-                model, loader, self.precision, self.device, self.tc.channels_last, collect=True, reduce=False
+            acc = final_test(
+                self.cfg,
+                self.data,
+                self.paths,
+                unwrap(self.model),
+                self.precision,
+                self.metrics,
+                self.global_step,
+                self.device,
             )
-            write_predictions(
-                res,
-                [p for p, _ in self.data.index.splits["test"]],
-                self.data.index.classes,
-                self.paths.predictions,
-                self.paths.confusion,
-            )
-            self.metrics.append(
-                {
-                    "split": "test",
-                    "kind": "final",
-                    "epoch": self.early.best_epoch,
-                    "step": self.global_step,
-                    "loss": res.loss,
-                    "accuracy": res.accuracy,
-                }
-            )
-            log.info(
-                "test (best epoch %d): loss %.4f accuracy %.4f on %d images",
-                self.early.best_epoch,
-                res.loss,
-                res.accuracy,
-                res.count,
-            )
-            acc = res.accuracy
         D.barrier()
         return acc
 
@@ -311,7 +322,12 @@ class Trainer:
         }
 
     def _save(self, path: Any, full: bool) -> None:
-        rngs = _gather_objects(rng_state()) if full else []
+        rngs: list[Any] = []
+        totals = torch.zeros(6, dtype=torch.float64)
+        if full:  # collective calls: every rank saves
+            rngs = gather_objects(rng_state())
+            # Ranks hold partial sums: rank 0 saves their total (and restores it; the others restart at 0).
+            totals = D.all_reduce_sum(torch.cat([self.sums, self.window])).cpu()
         if not self.dist.is_main:
             return
         state: dict[str, Any] = {
@@ -331,8 +347,10 @@ class Trainer:
                     "schedule": self.schedule.state_dict(),
                     "scaler": self.precision.state_dict(),
                     "early": self.early.state_dict(),
-                    "sums": self.sums.clone(),
-                    "window": self.window.clone(),
+                    "sums": totals[:3].clone(),
+                    "window": torch.cat(
+                        [totals[3:], torch.tensor([self.window_seconds], dtype=torch.float64)]
+                    ),
                     "rng": rngs,
                 }
             )
@@ -343,6 +361,7 @@ class Trainer:
             return None
         ckpt = load_checkpoint(self.paths.last_ckpt)
         check_resume_config(to_dict(self.cfg), ckpt["meta"]["config"], self.paths.last_ckpt)
+        self.changes = config_changes(to_dict(self.cfg), ckpt["meta"]["config"])
         return ckpt
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -353,7 +372,10 @@ class Trainer:
         self.early.load_state_dict(ckpt["early"])
         self.epoch, self.batch, self.global_step = ckpt["epoch"], ckpt["batch"], ckpt["global_step"]
         self.finished = ckpt["finished"]
-        self.sums, self.window = ckpt["sums"].clone(), ckpt["window"].clone()
+        if self.dist.is_main:
+            self.sums = ckpt["sums"].to(self.device, torch.float64)
+            self.window = ckpt["window"][:3].to(self.device, torch.float64)
+        self.window_seconds = float(ckpt["window"][3])
         rngs = ckpt["rng"]
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
@@ -363,7 +385,6 @@ class Trainer:
                 len(rngs),
                 self.dist.world_size,
             )
-        self.metrics.truncate_after(self.global_step)
         log.info(
             "resumed from %s at epoch %d batch %d (step %d)",
             self.paths.last_ckpt,
@@ -380,11 +401,3 @@ class Trainer:
 
 def _ratio(total: torch.Tensor, count: torch.Tensor) -> float:
     return float(total) / max(float(count), 1.0)
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
