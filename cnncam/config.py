@@ -202,6 +202,8 @@ class CamConfig:
     relu: bool = True  # ReLU on the maps (the papers' convention); false keeps signed maps
     deletion_baseline: Literal["zero", "blur"] = "zero"  # what deleted pixels become (cam.metrics)
     durable: bool = True  # fsync the part file after every batch; false: faster, a crash may redo it
+    # merge: copy the parts into one physical cams.h5 (auto: above storage.merge.CONSOLIDATE_ABOVE parts)
+    consolidate: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:
         if not TARGET_PATTERN.match(self.targets):

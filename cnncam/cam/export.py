@@ -46,11 +46,12 @@ from cnncam.cam.export_data import (
 )
 from cnncam.cam.faithfulness import deletion_insertion, energy_in_box, pointing_game
 from cnncam.cam.layers import frozen_eval, probe_model, resolve_layers
+from cnncam.cam.targets import parse_target_spec
 from cnncam.cam.viz import normalize, to_uint8, upsample
 from cnncam.config import CamConfig, RunConfig, to_dict
 from cnncam.console import setup_logging, track
 from cnncam.data import Sample
-from cnncam.errors import DataError, SchemaError
+from cnncam.errors import CamError, DataError, SchemaError
 from cnncam.runs import RunPaths, cams_dir, git_info, package_versions, slurm_ids
 from cnncam.stop import StopFlag
 from cnncam.storage import (
@@ -130,14 +131,19 @@ def export_shard(cfg: RunConfig, shard: int = 0, num_shards: int = 1, stop: Stop
 
 
 def merge(cfg: RunConfig, num_shards: int) -> Path:
-    """Validate the ``num_shards`` parts and build ``cams.h5`` (virtual datasets) next to them.
+    """Validate the ``num_shards`` parts against the run and build ``cams.h5`` next to them.
 
-    Every part that is not complete is named in one :class:`SchemaError` (with its state), so
-    a failed array task is easy to find and rerun (``launch.py cam --retry-failed``).
+    The run's fingerprint is computed as :func:`export_shard` computes it (checkpoint, split,
+    config), so a part of another run or config is refused by name, as are incomplete parts (one
+    :class:`SchemaError` lists them all, with their state: ``launch.py cam --retry-failed``
+    reruns them).  Every chunk of every part is read once (fletcher32).  ``cam.consolidate``:
+    ``auto`` copies the data into one file above ``CONSOLIDATE_ABOVE`` parts, ``always`` /
+    ``never`` force it either way (else ``cams.h5`` holds virtual datasets over the parts).
     """
     setup_logging()
     out_dir = cams_dir(cfg)
-    states = part_status(out_dir, num_shards)
+    fingerprint = _describe(cfg, torch.device("cpu"))[-1].fingerprint()
+    states = part_status(out_dir, num_shards, fingerprint)
     bad = [s for s in states if s.state != "complete"]
     if bad:
         listed = "; ".join(
@@ -151,7 +157,10 @@ def merge(cfg: RunConfig, num_shards: int) -> Path:
             f"cannot merge: {len(bad)} of {num_shards} parts are not complete: {listed}. "
             "Run the missing shards again (launch.py cam --run <run> --retry-failed)"
         )
-    out = merge_parts([s.path for s in states], out_dir / MERGED_FILENAME)
+    consolidate = {"auto": None, "always": True, "never": False}[cfg.cam.consolidate]
+    out = merge_parts(
+        [s.path for s in states], out_dir / MERGED_FILENAME, fingerprint=fingerprint, consolidate=consolidate
+    )
     log.info("merged %d part(s) into %s", num_shards, out)
     return out
 
@@ -173,11 +182,24 @@ def export(cfg: RunConfig, num_shards: int = 1, stop: StopFlag | None = None) ->
 
 
 def _prepare(cfg: RunConfig, device: torch.device) -> _Setup:
-    """Load checkpoint, split and data; resolve layers; describe the run (fingerprint)."""
+    """Load checkpoint, split and data; resolve layers; describe the run (fingerprint); check
+    everything knowable (targets, path lengths) before any file is created."""
+    loaded, samples, layers, act_layers, run = _describe(cfg, device)
+    dataset = build_dataset(cfg, samples, loaded.mean, loaded.std)
+    size = cfg.data.image_size
+    return _Setup(loaded, samples, dataset, layers, act_layers, run, (size, size), dataset.boxes is not None)
+
+
+def _describe(
+    cfg: RunConfig, device: torch.device
+) -> tuple[LoadedModel, list[Sample], tuple[str, ...], tuple[str, ...], RunInfo]:
+    """Checkpoint, split, resolved layers and the run description whose fingerprint every part
+    carries (shared by the export and the merge, which must agree on it)."""
     paths = RunPaths(cfg.run_dir)
     loaded = load_model(cfg, paths, device)
     samples = load_split(cfg, paths, loaded.classes)
-    dataset = build_dataset(cfg, samples, loaded.mean, loaded.std)
+    check_targets(cfg.cam.targets, len(loaded.classes))
+    S.check_paths(rel for rel, _ in samples)
     size = cfg.data.image_size
     # A zero image suffices to resolve layer names: the probe records shapes, not values.
     example = torch.zeros(1, 3, size, size, device=device)
@@ -207,7 +229,22 @@ def _prepare(cfg: RunConfig, device: torch.device) -> _Setup:
         versions=package_versions(),
         slurm=slurm_ids(),
     )
-    return _Setup(loaded, samples, dataset, layers, act_layers, run, (size, size), dataset.boxes is not None)
+    return loaded, samples, layers, act_layers, run
+
+
+def check_targets(spec: str, num_classes: int) -> None:
+    """``cam.targets`` against the model's classes (``class:<i>``, ``topk:<k>``), before any work."""
+    kind, arg = parse_target_spec(spec)
+    if kind == "class" and arg is not None and arg >= num_classes:
+        raise CamError(
+            f"cam.targets {spec!r}: class {arg} is out of range; the model has {num_classes} classes. "
+            f"Valid choices: pred, label, all, class:0..{num_classes - 1}, topk:1..{num_classes}"
+        )
+    if kind == "topk" and arg is not None and arg > num_classes:
+        raise CamError(
+            f"cam.targets {spec!r} asks for {arg} classes but the model has {num_classes}. "
+            f"Valid choices: pred, label, all, class:0..{num_classes - 1}, topk:1..{num_classes}"
+        )
 
 
 def _loader(

@@ -7,7 +7,6 @@ to the host; :mod:`cnncam.cam.export` drives the loop and the HDF5 writer.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from cnncam.data import ImageDataset, Sample, box_to_input, eval_transform, load
 from cnncam.errors import CheckpointError, DataError
 from cnncam.models import create_model
 from cnncam.runs import RunPaths, read_classes
+from cnncam.storage.schema import split_sha256 as split_sha256
 from cnncam.train.checkpoint import load_checkpoint_and_sha256
 
 log = logging.getLogger("cnncam.cam")
@@ -136,14 +136,6 @@ def load_split(cfg: RunConfig, paths: RunPaths, classes: Sequence[str]) -> list[
             f"split {cfg.cam.split!r} of run {paths.root} is empty; choose another (cam.split: {others})"
         )
     return samples
-
-
-def split_sha256(samples: Sequence[Sample]) -> str:
-    """Hash of the ordered ``(path, label)`` list: a part written for another split is refused."""
-    h = hashlib.sha256()
-    for rel, label in samples:
-        h.update(f"{rel}\t{label}\n".encode())
-    return h.hexdigest()
 
 
 class _SizeRecorder:
