@@ -417,6 +417,24 @@ def test_merge_refuses_a_part_of_another_config_and_names_it(trained: RunConfig,
     assert not (out / MERGED_FILENAME).exists()
 
 
+def test_merge_consolidates_when_the_config_says_so(trained: RunConfig, tmp_path: Path) -> None:
+    out = tmp_path / "cams"
+    for shard in range(2):
+        export_shard(with_cam(trained, out), shard, 2)
+    virtual = merge(with_cam(trained, out, consolidate="never"), 2)
+    with open_cams(virtual) as cams:
+        want = cams.read_many(cams.datasets())
+    single = merge(with_cam(trained, out, consolidate="always"), 2)
+    assert single == virtual  # published under the same name, atomically
+    with h5py.File(single, "r") as f:
+        assert f.attrs["consolidated"] == 1
+        assert not [k for k, d in S.list_datasets(f).items() if d.is_virtual]
+    with open_cams(single) as cams:
+        got = cams.read_many(cams.datasets())
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 CHILD = r"""
 import sys, time
 import h5py
@@ -477,3 +495,24 @@ def test_rerun_right_after_sigkill_is_not_blocked_by_loader_workers(
     assert part == final
     with open_cams(final) as cams:
         np.testing.assert_array_equal(cams.read("samples/index"), np.arange(cams.n_items))
+
+
+def test_damaged_cam_file_through_the_report_command_is_one_line(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "work")
+    cams = run / "cams" / MERGED_FILENAME
+    _set_attr(cams, "class_names", "[not json")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, "jobs/launch.py", "report", "--run", str(run), "--executor", "inline"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: {cams}: root attribute class_names is not valid JSON (Expecting value: line 1 column 2 "
+        "(char 1)); the file is damaged"
+    ]
+    assert "Traceback" not in done.stdout + done.stderr

@@ -147,3 +147,28 @@ def test_open_file_limit_below_the_part_count_never_gives_fill_values(tmp_path: 
             np.testing.assert_array_equal(
                 np.asarray(values, dtype=want[name].dtype), want[name], err_msg=name
             )
+
+
+def test_a_copy_that_does_not_read_back_right_is_not_published(
+    parts: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consolidated file is read back before os.replace: a wrong copy never gets the name."""
+    real = C._copy_rows
+
+    def wrong(src: h5py.Dataset, dst: h5py.Dataset, offset: int, path: Path) -> None:
+        real(src, dst, offset, path)
+        if dst.name == "/samples/index" and offset:
+            dst[offset] = -5  # a row copied wrong (say, a driver bug), chunk checksums still fine
+
+    monkeypatch.setattr(C, "_copy_rows", wrong)
+    with pytest.raises(SchemaError, match="samples/index does not read 0..36 after copying; not published"):
+        merge_parts(parts, tmp_path / MERGED_FILENAME, consolidate=True)
+    assert not (tmp_path / MERGED_FILENAME).exists()
+
+
+def test_merge_flag_consolidate_is_the_config_key() -> None:
+    from cnncam.cli import build_parser, overrides_from
+
+    args = build_parser().parse_args(["merge", "--run", "runs/x", "--consolidate"])
+    assert "cam.consolidate=always" in overrides_from(args)
+    assert "cam.consolidate=always" not in overrides_from(build_parser().parse_args(["merge", "--run", "x"]))
