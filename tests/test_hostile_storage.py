@@ -332,9 +332,8 @@ def test_two_merges_at_once_both_succeed(tmp_path: Path, monkeypatch: pytest.Mon
     assert not errors, errors
     with open_cams(out) as cams:
         np.testing.assert_array_equal(cams.read("samples/index"), np.arange(24))
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(MERGED_FILENAME)) == [
-        MERGED_FILENAME
-    ]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(MERGED_FILENAME))
+    assert left == [MERGED_FILENAME, MERGED_FILENAME + ".lock"]  # no temporary file left behind
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,14 +21,12 @@ from typing import Any
 import numpy as np
 
 from cnncam.config import ReportConfig, RunConfig
-from cnncam.data.splits import load_index
-from cnncam.errors import CamError, CnncamError, ConfigError, SchemaError
+from cnncam.errors import CamError, ConfigError, SchemaError
 from cnncam.report import html as H
 from cnncam.report import sections as S
 from cnncam.report import summary as R
 from cnncam.report.diagnose import Curves, curves, diagnose
 from cnncam.report.imaging import colormap_lut
-from cnncam.report.items import OUTSIDE_ROOT
 from cnncam.report.select import scan
 from cnncam.runs import (
     RunPaths,
@@ -40,7 +38,6 @@ from cnncam.runs import (
     read_metrics,
 )
 from cnncam.storage import MERGED_FILENAME, CamFile, open_cams
-from cnncam.storage.schema import split_sha256
 
 log = logging.getLogger(__name__)
 FIGURE_DIR = re.compile(r"^figures-\d{8}T\d{6}-[0-9a-f]{8}$")
@@ -117,7 +114,7 @@ def _build(
     with open_cams(cams_path) as cams:
         names = _class_names(paths, cams)
         summary["classes"] = names
-        summary["notes"] += _foreign_notes(cfg, paths, cams)
+        summary["notes"] += R.foreign_cam_notes(cfg, paths, cams)
         if cams.n_items == 0:
             summary["notes"].append(f"{cams_path} holds no items")
             facts = _summary(cfg, paths, c, names, cams, None, summary["notes"])
@@ -137,7 +134,7 @@ def _build(
         root = image_root(cfg, paths)
         html, galleries = S.gallery_section(cams, result, keys, rc, cfg.data, root, figs)
         sections.append(("galleries", "Galleries", html))
-        summary["notes"] += _outside_root_notes(galleries)
+        summary["notes"] += R.outside_root_notes(galleries)
         html, means = S.means_section(cams, result, keys, rc, figs)
         sections.append(("means", "Class means", html))
         features = S.features_section(cams, rc, figs)
@@ -190,37 +187,6 @@ def _class_names(paths: RunPaths, cams: CamFile | None) -> list[str]:
         return from_run
     conf = R.read_optional_json(paths.confusion)
     return list(conf.get("classes", [])) if isinstance(conf, dict) else []
-
-
-def _foreign_notes(cfg: RunConfig, paths: RunPaths, cams: CamFile) -> list[str]:
-    """Flag a CAM file of another run with the same classes (shown, but never silently): its
-    split differs from this run's saved one, or (when that cannot be checked) its run name."""
-    split, found = cams.attrs.get("split"), cams.attrs.get("run_name")
-    want = cams.attrs.get("split_sha256") or ""
-    try:
-        samples = load_index(paths, Path(cfg.data.root)).splits[str(split)] if want else None
-    except (CnncamError, KeyError):
-        samples = None
-    if samples is not None:
-        if split_sha256(samples) == want:
-            return []
-        note = f"The CAM file {cams.path} was exported from another {split} split than this run's saved one"
-    elif found != cfg.name:
-        note = f"The CAM file {cams.path} comes from another run"
-    else:
-        return []
-    note += f" (it belongs to run {found!r}, not {cfg.name!r}): check that it is the one meant."
-    log.warning("report: %s", note)
-    return [note]
-
-
-def _outside_root_notes(galleries: dict[str, Any]) -> list[str]:
-    items = [i for g in galleries.values() if isinstance(g, list) for i in g]
-    items += [i for g in galleries.get("per_class", {}).values() for i in g]
-    bad = sum(i["note"] == OUTSIDE_ROOT for i in items)
-    if not bad:
-        return []
-    return [f"{bad} gallery image path(s) in the CAM file are outside data.root; those images were not read."]
 
 
 def _confusion_fallback(paths: RunPaths, names: list[str]) -> np.ndarray | None:
