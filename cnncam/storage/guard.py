@@ -39,10 +39,9 @@ def shown(value: object) -> str:
 
 def check_objects(f: h5py.File, where: object, *, allow_virtual: bool) -> None:
     """Refuse links and storage that read outside ``f``; virtual datasets only if ``allow_virtual``."""
-    names: list[str] = []
-    f.visit_links(names.append)  # every link, none followed
-    for name in names:
-        link = f.get(name, getlink=True)
+    links: list[tuple[str, Any]] = []
+    f.visititems_links(lambda name, link: links.append((name, link)))  # every link, none followed
+    for name, link in links:
         if isinstance(link, h5py.ExternalLink):
             raise SchemaError(
                 f"{where}: {name} is an external link to {link.filename}:{link.path}; cnncam files "
@@ -53,18 +52,18 @@ def check_objects(f: h5py.File, where: object, *, allow_virtual: bool) -> None:
                 f"{where}: {name} is a soft link to {link.path}; cnncam files hold no soft links, "
                 "so it is not followed. The file was crafted or damaged."
             )
-    for name in names:
-        obj = f.get(name)
+    for name, _ in links:
+        obj = f[name]
         if not isinstance(obj, h5py.Dataset):
             continue
-        external = obj.external
-        if external:
-            files = ", ".join(sorted({str(e[0]) for e in external}))
+        dcpl = obj.id.get_create_plist()
+        if dcpl.get_external_count():
+            files = ", ".join(sorted({str(e[0]) for e in obj.external or ()}))
             raise SchemaError(
                 f"{where}: dataset {name} uses external raw storage ({files}); cnncam stores every "
                 "dataset inside its file, so it is not read. The file was crafted or damaged."
             )
-        if obj.is_virtual and not allow_virtual:
+        if dcpl.get_layout() == h5py.h5d.VIRTUAL and not allow_virtual:
             raise SchemaError(
                 f"{where}: dataset {name} is a virtual dataset, but a part file holds its own data; "
                 "it is not read. The file was crafted or damaged."
@@ -83,9 +82,12 @@ class Piece:
     src_start: int
 
 
-def virtual_pieces(d: h5py.Dataset, name: str, where: object, folder: Path) -> list[Piece]:
+def virtual_pieces(
+    d: h5py.Dataset, name: str, where: object, folder: Path, known: dict[str, Path] | None = None
+) -> list[Piece]:
     """The sources ``d`` really reads, as whole-row blocks that cover its rows exactly once; each
-    source file must lie inside ``folder`` (see :func:`source_path`)."""
+    source file must lie inside ``folder`` (see :func:`source_path`; ``known`` caches its answers)."""
+    known = {} if known is None else known
     dcpl = d.id.get_create_plist()
     pieces = []
     for i in range(dcpl.get_virtual_count()):
@@ -98,7 +100,9 @@ def virtual_pieces(d: h5py.Dataset, name: str, where: object, folder: Path) -> l
             if src_stop - src_start != stop - start:
                 raise SchemaError(f"{where}: virtual dataset {name} maps blocks of different sizes")
         file = dcpl.get_virtual_filename(i)
-        path = source_path(folder, file, name, where)
+        path = known.get(file)
+        if path is None:
+            path = known[file] = source_path(folder, file, name, where)
         pieces.append(Piece(start, stop, file, path, dcpl.get_virtual_dsetname(i), src_start))
     pieces.sort(key=lambda p: p.start)
     end = 0
@@ -174,7 +178,7 @@ def validated_attrs(where: object, raw: Mapping[str, Any]) -> dict[str, Any]:
         )
 
     for key in _INT_ATTRS:
-        if not _is_int(attrs[key]):
+        if not is_int(attrs[key]):
             raise SchemaError(f"{where}: root attribute {key} {shown(attrs[key])} is not an integer")
     for key in _STR_ATTRS:
         if not isinstance(attrs[key], str):
@@ -198,10 +202,10 @@ def validated_attrs(where: object, raw: Mapping[str, Any]) -> dict[str, Any]:
     except SchemaError as e:
         raise SchemaError(f"{where}: root attribute methods/layers: {e}") from None
     size = attrs["input_size"]
-    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and 0 < s <= 1 << 16 for s in size)):
+    if not (isinstance(size, list) and len(size) == 2 and all(is_int(s) and 0 < s <= 1 << 16 for s in size)):
         raise bad("input_size", "two positive integers (H, W)")
     return attrs
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

@@ -26,6 +26,7 @@ from cnncam.errors import SchemaError
 from cnncam.storage import guard
 from cnncam.storage import schema as S
 
+_PART_ATTRS = ("kind", "complete", "fingerprint", "index_start")
 MAX_OPEN_PARTS = 16  # far below any open-file limit; memory does not grow with the part count
 PART_CACHE_BYTES = 1 << 20  # chunk cache per open part (libhdf5's default)
 VERIFY_BYTES = 64 << 20  # bytes per read while verifying checksums (bounded memory)
@@ -67,13 +68,15 @@ class PartSources:
         self.folder = path.parent
         self._pieces: dict[str, tuple[list[guard.Piece], list[int]]] = {}
         self._open: OrderedDict[Path, h5py.File] = OrderedDict()
-        self._checked: dict[Path, dict[str, Any]] = {}
+        self._dsets: dict[tuple[Path, str], h5py.Dataset] = {}  # of the open parts
+        self._checked: dict[Path, int] = {}  # part -> its index_start, once checked
         self._checked_dsets: set[tuple[Path, str]] = set()
+        self._real: dict[str, Path] = {}  # source name -> checked path, shared by all datasets
 
     def pieces(self, name: str) -> tuple[list[guard.Piece], list[int]]:
         """(pieces, their start rows) of virtual dataset ``name``, checked."""
         if name not in self._pieces:
-            pieces = guard.virtual_pieces(self._f[name], name, self.path, self.folder)
+            pieces = guard.virtual_pieces(self._f[name], name, self.path, self.folder, self._real)
             self._pieces[name] = (pieces, [p.start for p in pieces])
         return self._pieces[name]
 
@@ -132,25 +135,39 @@ class PartSources:
             raise
         self._open[path] = f
         while len(self._open) > MAX_OPEN_PARTS:
-            self._open.popitem(last=False)[1].close()
+            old, f_old = self._open.popitem(last=False)
+            self._dsets = {k: d for k, d in self._dsets.items() if k[0] != old}
+            f_old.close()
         return f
 
-    def _check_part(self, path: Path, f: h5py.File) -> dict[str, Any]:
+    def _check_part(self, path: Path, f: h5py.File) -> int:
+        """A plain, complete part of the merged file's fingerprint; returns its ``index_start``.
+
+        Only the attributes the reader relies on are read (a full check per part would cost
+        as much as its data): the merge checked the rest, and the fingerprint covers the run.
+        """
         guard.check_objects(f, path, allow_virtual=False)
-        attrs = guard.validated_attrs(path, f.attrs)
-        if attrs["kind"] != S.PART_KIND or not attrs["complete"]:
+        S.check_version(path, f.attrs)
+        attrs = S.decode_attrs({k: f.attrs[k] for k in _PART_ATTRS if k in f.attrs}, path)
+        if attrs.get("kind") != S.PART_KIND or not attrs.get("complete"):
             raise SchemaError(f"{self.path} reads {path}, which is not a complete part; merge again")
-        if attrs["fingerprint"] != self._attrs["fingerprint"]:
+        if attrs.get("fingerprint") != self._attrs["fingerprint"]:
             raise SchemaError(
-                f"{self.path} reads {path}, whose fingerprint {attrs['fingerprint']} is not the merged "
+                f"{self.path} reads {path}, whose fingerprint {attrs.get('fingerprint')} is not the merged "
                 f"file's {self._attrs['fingerprint']}: the part was replaced by another run's. Merge again."
             )
-        return attrs
+        start = attrs.get("index_start")
+        if not isinstance(start, int) or isinstance(start, bool):
+            raise SchemaError(f"{path}: root attribute index_start {guard.shown(start)} is not an integer")
+        return start
 
     def _source_dataset(self, path: Path, f: h5py.File, name: str, p: guard.Piece) -> h5py.Dataset:
-        d = f.get(p.dset)
-        if not isinstance(d, h5py.Dataset):
-            raise SchemaError(f"{self.path} reads dataset {name} from {path}, which has no such dataset")
+        d = self._dsets.get((path, p.dset))
+        if d is None:
+            d = f.get(p.dset)
+            if not isinstance(d, h5py.Dataset):
+                raise SchemaError(f"{self.path} reads dataset {name} from {path}, which has no such dataset")
+            self._dsets[path, p.dset] = d
         if (path, name) not in self._checked_dsets:
             merged = self._f[name]
             rows = p.stop - p.start
@@ -159,7 +176,7 @@ class PartSources:
                     f"{path}: dataset {name} has shape {d.shape} {d.dtype}, which does not fit rows "
                     f"[{p.start}, {p.stop}) of {self.path} ({merged.shape} {merged.dtype}); merge again"
                 )
-            start = int(self._checked[path]["index_start"]) + p.src_start
+            start = self._checked[path] + p.src_start
             if S.is_per_item(name) and start != int(self._attrs["index_start"]) + p.start:
                 raise SchemaError(
                     f"{path} holds items from {start}, but {self.path} maps it to item "
@@ -169,5 +186,6 @@ class PartSources:
         return d
 
     def close(self) -> None:
+        self._dsets.clear()
         while self._open:
             self._open.popitem()[1].close()
