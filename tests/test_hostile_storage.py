@@ -416,14 +416,45 @@ def test_too_long_image_path_is_refused_before_any_file(trained: RunConfig, tmp_
     assert not out.exists() or not list(out.iterdir())
 
 
-def test_merge_refuses_a_part_of_another_config_and_names_it(trained: RunConfig, tmp_path: Path) -> None:
+@pytest.mark.parametrize("other", [{"methods": ("layercam",)}, {"layers": ("features.block1",)}])
+def test_merge_refuses_a_part_of_another_config_and_names_it(
+    trained: RunConfig, tmp_path: Path, other: dict[str, object]
+) -> None:
+    """Part 0 comes from another config (other methods, or another layer: other model-derived
+    fields); only it is named, part 1 is this run's."""
     out = tmp_path / "cams"
-    other = export_shard(with_cam(trained, tmp_path / "other", methods=("layercam",)), 0, 2)
+    foreign = export_shard(with_cam(trained, tmp_path / "other", **other), 0, 2)
     export_shard(with_cam(trained, out), 1, 2)
-    shutil.copy(other, out / part_filename(0, 2))  # same name, another fingerprint
-    with pytest.raises(SchemaError, match=f"{out / part_filename(0, 2)} \\(foreign: fingerprint"):
+    shutil.copy(foreign, out / part_filename(0, 2))  # same name, another fingerprint
+    with pytest.raises(
+        SchemaError, match=f"1 of 2 parts are not complete: {out / part_filename(0, 2)} \\(foreign"
+    ):
         merge(with_cam(trained, out), 2)
     assert not (out / MERGED_FILENAME).exists()
+
+
+def test_merge_command_imports_no_torch(trained: RunConfig, tmp_path: Path) -> None:
+    out = tmp_path / "cams"
+    for shard in range(2):
+        export_shard(with_cam(trained, out), shard, 2)
+    code = (
+        "import sys\n"
+        "from cnncam.cli import main\n"
+        "rc = main(['merge', '--run', sys.argv[1], '--shards', '2', '--executor', 'inline',\n"
+        "           '--set', sys.argv[2]])\n"
+        "print('RESULT', rc, 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(trained.run_dir), f"cam.out={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert "RESULT 0 False" in done.stdout, done.stdout + done.stderr[-2000:]
+    with open_cams(out / MERGED_FILENAME) as cams:
+        np.testing.assert_array_equal(cams.read("samples/index"), np.arange(cams.n_items))
 
 
 def test_merge_consolidates_when_the_config_says_so(trained: RunConfig, tmp_path: Path) -> None:

@@ -51,19 +51,12 @@ from cnncam.cam.viz import normalize, to_uint8, upsample
 from cnncam.config import CamConfig, RunConfig, to_dict
 from cnncam.console import setup_logging, track
 from cnncam.data import Sample
-from cnncam.errors import CamError, DataError, SchemaError
+from cnncam.errors import CamError, DataError
 from cnncam.runs import RunPaths, cams_dir, git_info, package_versions, slurm_ids
 from cnncam.stop import StopFlag
-from cnncam.storage import (
-    MERGED_FILENAME,
-    PartSpec,
-    PartWriter,
-    RunInfo,
-    merge_parts,
-    part_filename,
-    part_status,
-)
+from cnncam.storage import PartSpec, PartWriter, RunInfo
 from cnncam.storage import schema as S
+from cnncam.storage.runmerge import merge_run
 from cnncam.train.distributed import DistInfo, select_device
 
 log = logging.getLogger("cnncam.cam")
@@ -131,38 +124,9 @@ def export_shard(cfg: RunConfig, shard: int = 0, num_shards: int = 1, stop: Stop
 
 
 def merge(cfg: RunConfig, num_shards: int) -> Path:
-    """Validate the ``num_shards`` parts against the run and build ``cams.h5`` next to them.
-
-    The run's fingerprint is computed as :func:`export_shard` computes it (checkpoint, split,
-    config), so a part of another run or config is refused by name, as are incomplete parts (one
-    :class:`SchemaError` lists them all, with their state: ``launch.py cam --retry-failed``
-    reruns them).  Every chunk of every part is read once (fletcher32).  ``cam.consolidate``:
-    ``auto`` copies the data into one file above ``CONSOLIDATE_ABOVE`` parts, ``always`` /
-    ``never`` force it either way (else ``cams.h5`` holds virtual datasets over the parts).
-    """
-    setup_logging()
-    out_dir = cams_dir(cfg)
-    fingerprint = _describe(cfg, torch.device("cpu"))[-1].fingerprint()
-    states = part_status(out_dir, num_shards, fingerprint)
-    bad = [s for s in states if s.state != "complete"]
-    if bad:
-        listed = "; ".join(
-            f"{out_dir / part_filename(s.shard_index, num_shards)} ({s.state}"
-            + (f", {s.n_committed} of {s.n_items} items" if s.state == "partial" else "")
-            + (f": {s.message}" if s.message else "")
-            + ")"
-            for s in bad
-        )
-        raise SchemaError(
-            f"cannot merge: {len(bad)} of {num_shards} parts are not complete: {listed}. "
-            "Run the missing shards again (launch.py cam --run <run> --retry-failed)"
-        )
-    consolidate = {"auto": None, "always": True, "never": False}[cfg.cam.consolidate]
-    out = merge_parts(
-        [s.path for s in states], out_dir / MERGED_FILENAME, fingerprint=fingerprint, consolidate=consolidate
-    )
-    log.info("merged %d part(s) into %s", num_shards, out)
-    return out
+    """Validate the ``num_shards`` parts against the run and build ``cams.h5`` next to them
+    (:func:`cnncam.storage.runmerge.merge_run`, which needs no torch)."""
+    return merge_run(cfg, num_shards)
 
 
 def export(cfg: RunConfig, num_shards: int = 1, stop: StopFlag | None = None) -> Path:
@@ -194,7 +158,7 @@ def _describe(
     cfg: RunConfig, device: torch.device
 ) -> tuple[LoadedModel, list[Sample], tuple[str, ...], tuple[str, ...], RunInfo]:
     """Checkpoint, split, resolved layers and the run description whose fingerprint every part
-    carries (shared by the export and the merge, which must agree on it)."""
+    carries (``storage.runmerge`` recomputes the same fingerprint without the model)."""
     paths = RunPaths(cfg.run_dir)
     loaded = load_model(cfg, paths, device)
     samples = load_split(cfg, paths, loaded.classes)

@@ -143,9 +143,9 @@ class MergeTask(LaunchTask):
     num_shards: int
 
     def run(self, stop: StopFlag) -> tuple[str, Any]:
-        from cnncam.cam.export import merge
+        from cnncam.storage.runmerge import merge_run  # no torch: the merge job starts fast
 
-        return "completed", merge(self.cfg, self.num_shards)
+        return "completed", merge_run(self.cfg, self.num_shards)
 
 
 @dataclass(frozen=True)

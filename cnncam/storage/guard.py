@@ -37,8 +37,11 @@ def shown(value: object) -> str:
     return text if len(text) <= _SHOW else text[:_SHOW] + "..."
 
 
-def check_objects(f: h5py.File, where: object, *, allow_virtual: bool) -> None:
-    """Refuse links and storage that read outside ``f``; virtual datasets only if ``allow_virtual``."""
+def check_objects(f: h5py.File, where: object, *, allow_virtual: bool) -> dict[str, h5py.Dataset]:
+    """Refuse links and storage that read outside ``f``; virtual datasets only if ``allow_virtual``.
+
+    Returns every dataset by path (what :func:`schema.list_datasets` lists), checked.
+    """
     links: list[tuple[str, Any]] = []
     f.visititems_links(lambda name, link: links.append((name, link)))  # every link, none followed
     for name, link in links:
@@ -52,10 +55,12 @@ def check_objects(f: h5py.File, where: object, *, allow_virtual: bool) -> None:
                 f"{where}: {name} is a soft link to {link.path}; cnncam files hold no soft links, "
                 "so it is not followed. The file was crafted or damaged."
             )
+    datasets: dict[str, h5py.Dataset] = {}
     for name, _ in links:
         obj = f[name]
         if not isinstance(obj, h5py.Dataset):
             continue
+        datasets[name] = obj
         dcpl = obj.id.get_create_plist()
         if dcpl.get_external_count():
             files = ", ".join(sorted({str(e[0]) for e in obj.external or ()}))
@@ -68,6 +73,7 @@ def check_objects(f: h5py.File, where: object, *, allow_virtual: bool) -> None:
                 f"{where}: dataset {name} is a virtual dataset, but a part file holds its own data; "
                 "it is not read. The file was crafted or damaged."
             )
+    return datasets
 
 
 @dataclass(frozen=True)

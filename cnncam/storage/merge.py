@@ -188,8 +188,9 @@ def _inspect(path: Path, fingerprint: str | None, verify: bool) -> Part:
     except OSError as e:
         raise SchemaError(f"part {path} cannot be opened: {e}") from None
     with f:
-        attrs = guard.validated_attrs(f"part {path}", f.attrs)
-        guard.check_objects(f, f"part {path}", allow_virtual=False)
+        raw = dict(f.attrs)  # each attribute read once
+        attrs = guard.validated_attrs(f"part {path}", raw)
+        datasets = guard.check_objects(f, f"part {path}", allow_virtual=False)
         if attrs["kind"] != S.PART_KIND or not attrs["complete"]:
             raise SchemaError(
                 f"part {path} is not a complete part (kind={attrs['kind']}, "
@@ -200,9 +201,8 @@ def _inspect(path: Path, fingerprint: str | None, verify: bool) -> Part:
                 f"part {path} belongs to another run/config/checkpoint/split (fingerprint "
                 f"{attrs['fingerprint']}, this run has {fingerprint}); remove it or export that shard again"
             )
-        datasets = S.list_datasets(f)
         shapes = {k: (d.shape, d.dtype) for k, d in datasets.items()}
-        part = Part(path, attrs, dict(f.attrs), shapes)
+        part = Part(path, attrs, raw, shapes)
         n = part.stop - part.start
         short = [k for k, (s, _) in part.tails(True).items() if part.shapes[k][0][0] != n]
         if short:

@@ -54,7 +54,7 @@ class CamFile:
     def __init__(self, path: Path, f: h5py.File) -> None:
         self.path = path
         self._f = f
-        self.attrs: dict[str, Any] = guard.validated_attrs(path, f.attrs)
+        self.attrs: dict[str, Any] = guard.validated_attrs(path, dict(f.attrs))
         if self.kind not in (S.PART_KIND, S.MERGED_KIND):
             raise SchemaError(
                 f"{path}: " + choice_message("file kind", self.kind, (S.PART_KIND, S.MERGED_KIND))
