@@ -433,6 +433,18 @@ def test_merge_refuses_a_part_of_another_config_and_names_it(
     assert not (out / MERGED_FILENAME).exists()
 
 
+def test_merge_refuses_parts_of_an_older_checkpoint(trained: RunConfig, tmp_path: Path) -> None:
+    """Exported, then the run's best.pt changed (retrained): the parts are stale and named."""
+    copy = dataclasses.replace(trained, name="retrained")
+    shutil.copytree(trained.run_dir, copy.run_dir)
+    out = tmp_path / "cams"
+    export_shard(with_cam(copy, out), 0, 1)
+    best = copy.run_dir / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes() + b"\0")  # other bytes: another checkpoint hash
+    with pytest.raises(SchemaError, match=f"{out / part_filename(0, 1)} \\(foreign: fingerprint"):
+        merge(with_cam(copy, out), 1)
+
+
 def test_merge_command_imports_no_torch(trained: RunConfig, tmp_path: Path) -> None:
     out = tmp_path / "cams"
     for shard in range(2):
