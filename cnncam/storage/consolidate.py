@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from cnncam.storage.merge import Part
 
 COPY_BYTES = 64 << 20  # rows copied per read (bounded memory)
+# Rows per chunk (at most ~1 MiB each, schema.chunk_rows): the parts' own chunks follow their
+# batch size, which may be tiny (a 1-item part has 1-row chunks); a copy is never appended to.
+CHUNK_ROWS = 1024
 OUT_CACHE_BYTES = 64 << 20  # chunk cache of the output file: partly filled chunks stay in memory
 
 
@@ -39,12 +42,11 @@ def write_consolidated(tmp: Path, parts: list[Part], write_attrs: Callable[[h5py
     """Write the consolidated file ``tmp`` from the checked ``parts`` (sorted, covering [0, N));
     ``write_attrs`` writes the merged file's root attributes (``merge.merged_attrs``)."""
     filled = [p for p in parts if p.stop > p.start]
-    commit_rows = int(parts[0].attrs.get("commit_rows") or 64)
     with h5py.File(tmp, "w", libver=S.LIBVER, locking=False, rdcc_nbytes=OUT_CACHE_BYTES) as f:
         write_attrs(f)
         f.attrs.update({"parts": json.dumps([]), "consolidated": np.int8(1)})
         if filled:
-            _copy(f, filled, parts[-1].stop, commit_rows)
+            _copy(f, filled, parts[-1].stop, CHUNK_ROWS)
         f.flush()
     with h5py.File(tmp, "r", locking=False) as f:  # read back: every chunk, and the index
         for name, d in S.list_datasets(f).items():
@@ -59,12 +61,12 @@ def write_consolidated(tmp: Path, parts: list[Part], write_attrs: Callable[[h5py
         os.close(fd)
 
 
-def _copy(f: h5py.File, filled: list[Part], n_total: int, commit_rows: int) -> None:
+def _copy(f: h5py.File, filled: list[Part], n_total: int, chunk_rows: int) -> None:
     ref = filled[0]
     per_item = ref.tails(True)
     extras = {k: v for k, v in ref.tails(False).items() if k != S.FILTERS_FIRST_CONV}
     for name, (tail, _) in per_item.items():
-        f.create_dataset(name, **S.dataset_kwargs(name, tail, n_total, commit_rows))
+        f.create_dataset(name, **S.dataset_kwargs(name, tail, n_total, chunk_rows))
     for name, (tail, _) in extras.items():
         rows = sum(p.shapes[name][0][0] for p in filled)
         f.create_dataset(name, **S.dataset_kwargs(name, tail, rows, None))
