@@ -62,6 +62,8 @@ def write_consolidated(tmp: Path, parts: list[Part], write_attrs: Callable[[h5py
 
 
 def _copy(f: h5py.File, filled: list[Part], n_total: int, chunk_rows: int) -> None:
+    """Copy the parts in order, each opened once; rows are gathered in memory (at most
+    :data:`COPY_BYTES`) and written in large sequential blocks, whole chunks at a time."""
     ref = filled[0]
     per_item = ref.tails(True)
     extras = {k: v for k, v in ref.tails(False).items() if k != S.FILTERS_FIRST_CONV}
@@ -70,14 +72,20 @@ def _copy(f: h5py.File, filled: list[Part], n_total: int, chunk_rows: int) -> No
     for name, (tail, _) in extras.items():
         rows = sum(p.shapes[name][0][0] for p in filled)
         f.create_dataset(name, **S.dataset_kwargs(name, tail, rows, None))
-    at = dict.fromkeys(extras, 0)
+    outs = [_Out(f[name]) for name in (*per_item, *extras)]
     for p in filled:
         with h5py.File(p.path, "r", locking=False) as src:
-            for name in per_item:
-                _copy_rows(src[name], f[name], p.start, p.path)
-            for name in extras:
-                _copy_rows(src[name], f[name], at[name], p.path)
-                at[name] += src[name].shape[0]
+            for out in outs:
+                d = src[out.d.name]
+                row = max(1, int(np.prod(d.shape[1:], dtype=np.int64)) * d.dtype.itemsize)
+                step = max(1, COPY_BYTES // row)
+                for a in range(0, d.shape[0], step):
+                    out.add(read_rows(f"part {p.path}", d, a, a + step))
+                    if sum(o.nbytes for o in outs) >= COPY_BYTES:
+                        for o in outs:
+                            o.flush()
+    for out in outs:
+        out.flush()
     with_filters = [p for p in filled if S.FILTERS_FIRST_CONV in p.shapes]
     if with_filters:  # small and identical in every part: copied from the first that has them
         with h5py.File(with_filters[0].path, "r", locking=False) as src:
@@ -86,9 +94,20 @@ def _copy(f: h5py.File, filled: list[Part], n_total: int, chunk_rows: int) -> No
         f.create_dataset(S.FILTERS_FIRST_CONV, **kw)[...] = w
 
 
-def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, offset: int, path: Path) -> None:
-    row = max(1, int(np.prod(src.shape[1:], dtype=np.int64)) * src.dtype.itemsize)
-    step = max(1, COPY_BYTES // row)
-    for a in range(0, src.shape[0], step):
-        block = read_rows(f"part {path}", src, a, a + step)
-        dst[offset + a : offset + a + len(block)] = block
+class _Out:
+    """One output dataset written front to back from blocks gathered in memory."""
+
+    def __init__(self, d: h5py.Dataset) -> None:
+        self.d, self.at, self.nbytes = d, 0, 0
+        self.pending: list[np.ndarray] = []
+
+    def add(self, block: np.ndarray) -> None:
+        self.pending.append(block)
+        self.nbytes += block.nbytes
+
+    def flush(self) -> None:
+        if self.pending:
+            data = np.concatenate(self.pending)
+            self.d[self.at : self.at + len(data)] = data
+            self.at += len(data)
+        self.pending, self.nbytes = [], 0

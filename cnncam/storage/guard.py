@@ -42,28 +42,31 @@ def check_objects(f: h5py.File, where: object, *, allow_virtual: bool) -> dict[s
 
     Returns every dataset by path (what :func:`schema.list_datasets` lists), checked.
     """
-    links: list[tuple[str, Any]] = []
-    f.visititems_links(lambda name, link: links.append((name, link)))  # every link, none followed
-    for name, link in links:
+    links: list[tuple[str, int]] = []
+    # Every link, none followed (H5Lvisit at the low level: half the cost of h5py's visititems).
+    f.id.links.visit(lambda name, info: links.append((name.decode("utf-8", "replace"), info.type)), info=True)
+    for name, kind in links:
+        if kind == h5py.h5l.TYPE_HARD:
+            continue
+        link = f.get(name, getlink=True)
         if isinstance(link, h5py.ExternalLink):
             raise SchemaError(
                 f"{where}: {name} is an external link to {link.filename}:{link.path}; cnncam files "
                 "never link to other files, so it is not read. The file was crafted or damaged."
             )
-        if isinstance(link, h5py.SoftLink):
-            raise SchemaError(
-                f"{where}: {name} is a soft link to {link.path}; cnncam files hold no soft links, "
-                "so it is not followed. The file was crafted or damaged."
-            )
+        what = f"a soft link to {link.path}" if isinstance(link, h5py.SoftLink) else "not a hard link"
+        raise SchemaError(
+            f"{where}: {name} is {what}; cnncam files hold only hard links, so it is not followed. "
+            "The file was crafted or damaged."
+        )
     datasets: dict[str, h5py.Dataset] = {}
     for name, _ in links:
-        obj = f[name]
-        if not isinstance(obj, h5py.Dataset):
+        if h5py.h5o.get_info(f.id, name.encode()).type != h5py.h5o.TYPE_DATASET:
             continue
-        datasets[name] = obj
-        dcpl = obj.id.get_create_plist()
+        d = datasets[name] = h5py.Dataset(h5py.h5d.open(f.id, name.encode()))
+        dcpl = d.id.get_create_plist()
         if dcpl.get_external_count():
-            files = ", ".join(sorted({str(e[0]) for e in obj.external or ()}))
+            files = ", ".join(sorted({str(e[0]) for e in d.external or ()}))
             raise SchemaError(
                 f"{where}: dataset {name} uses external raw storage ({files}); cnncam stores every "
                 "dataset inside its file, so it is not read. The file was crafted or damaged."

@@ -40,6 +40,7 @@ from cnncam.storage.sources import read_rows, verify_dataset
 CONSOLIDATE_ABOVE = 128
 
 PartState = Literal["missing", "partial", "complete", "foreign", "corrupt"]
+_STATUS_ATTRS = ("fingerprint", "shard_index", "num_shards", "complete", "n_items")
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ def _status(cams_dir: Path, i: int, n: int, fingerprint: str | None) -> PartStat
         try:
             with h5py.File(final, "r", locking=False) as f:
                 S.check_version(final, f.attrs)
-                attrs = S.decode_attrs(f.attrs, final)
+                # Only what the state needs: a merge reads every attribute later anyway.
+                attrs = S.decode_attrs({k: f.attrs[k] for k in _STATUS_ATTRS if k in f.attrs}, final)
         except (OSError, SchemaError) as e:
             return PartStatus(i, "corrupt", final, message=str(e))
         found = attrs.get("fingerprint")
@@ -86,6 +88,8 @@ def _status(cams_dir: Path, i: int, n: int, fingerprint: str | None) -> PartStat
             )
         if not attrs.get("complete"):
             return PartStatus(i, "corrupt", final, message="final name but not marked complete")
+        if not guard.is_int(attrs.get("n_items")):
+            return PartStatus(i, "corrupt", final, message=f"n_items {guard.shown(attrs.get('n_items'))}")
         return PartStatus(i, "complete", final, int(attrs["n_items"]), int(attrs["n_items"]))
     partial = partial_path(final)
     if partial.exists():
