@@ -55,6 +55,7 @@ CAM_FLAGS = {
     "activations": "cam.activations",
     "checkpoint": "cam.checkpoint",
     "road": "cam.road",
+    "consolidate": "cam.consolidate",
 }
 SANITY_FLAGS = {"images": "sanity.images", "mode": "sanity.modes"}
 
@@ -209,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", parents=[launch], help="merge CAM part files into cams.h5")
     p.add_argument("--run", required=True, help=run_help)
     p.add_argument("--shards", type=int, metavar="N", help="number of parts (default: the last cam array)")
+    p.add_argument(
+        "--consolidate",
+        action="store_const",
+        const="always",
+        help="copy the parts into one self-contained cams.h5 (same as --set cam.consolidate=always)",
+    )
     p = sub.add_parser("report", parents=[launch], help="build the offline HTML report")
     p.add_argument("--run", required=True, help=run_help)
     p.add_argument("--cams", help="merged CAM file (default: <run>/cams/cams.h5)")

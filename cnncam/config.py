@@ -275,6 +275,8 @@ class CamConfig:
     road_percentiles: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
     road_noise: float = 0.01  # std of the noise added to imputed pixels (the paper's value)
     metric_batch_size: int | None = None  # perturbed images per metric forward; None = cam.batch_size
+    # merge: copy the parts into one physical cams.h5 (auto: above storage.merge.CONSOLIDATE_ABOVE parts)
+    consolidate: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:
         if not TARGET_PATTERN.match(self.targets):

@@ -96,10 +96,10 @@ def run_info(name: str = "rep") -> RunInfo:
 
 
 def write_cams(
-    cams_dir: Path, n: int = N_ITEMS, shards: int = 1, batch: int = 8, extras: bool = True
+    cams_dir: Path, n: int = N_ITEMS, shards: int = 1, batch: int = 8, extras: bool = True, name: str = "rep"
 ) -> Path:
     """Parts (merged into cams.h5 when ``shards`` > 1); returns the file to open."""
-    run = run_info()
+    run = run_info(name)
     paths = []
     for s in range(shards):
         spec = PartSpec.for_shard(run, n, s, shards)
@@ -252,7 +252,7 @@ def make_run(
         },
     )
     if cams:
-        write_cams(paths.cams, shards=shards)
+        write_cams(paths.cams, shards=shards, name=name)
         if shards == 1:  # the report's default file name
             (paths.cams / part_filename(0, 1)).rename(paths.cams / S.MERGED_FILENAME)
     return paths.root

@@ -84,14 +84,14 @@ def test_scan_reads_in_bounded_windows(cams_file: Path, monkeypatch: pytest.Monk
     """No read of a per-item dataset ever asks for more rows than the window size."""
     monkeypatch.setattr(select, "CHUNK_ROWS", 4)
     sizes: list[int] = []
-    real_read = CamFile.read
+    real_block = CamFile._block
 
-    def spy(self: CamFile, name: str, sel: object = None, **kw: object) -> np.ndarray:
-        out = real_read(self, name, sel, **kw)  # type: ignore[arg-type]
-        sizes.append(len(out))
+    def spy(self: CamFile, names: list[str], a: int, b: int, **kw: bool) -> dict[str, np.ndarray]:
+        out = real_block(self, names, a, b, **kw)
+        sizes.extend(len(v) for v in out.values())
         return out
 
-    monkeypatch.setattr(CamFile, "read", spy)
+    monkeypatch.setattr(CamFile, "_block", spy)
     with open_cams(cams_file) as cams:
         res = scan(cams, gallery_size=3, per_class=1)
     assert res.n_items == N_ITEMS

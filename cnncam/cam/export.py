@@ -46,24 +46,18 @@ from cnncam.cam.export_data import (
 from cnncam.cam.faithfulness import deletion_insertion, energy_in_box, pointing_game
 from cnncam.cam.layers import frozen_eval, probe_model, resolve_layers
 from cnncam.cam.road import road_metrics
+from cnncam.cam.targets import parse_target_spec
 from cnncam.cam.viz import normalize, to_uint8, upsample
 from cnncam.config import CamConfig, RunConfig, to_dict
 from cnncam.console import setup_logging, track
 from cnncam.data import Sample
 from cnncam.data.webdataset import tar_aligned_range
-from cnncam.errors import DataError, SchemaError
+from cnncam.errors import CamError, DataError
 from cnncam.runs import RunPaths, cams_dir, git_info, package_versions, slurm_ids
 from cnncam.stop import StopFlag
-from cnncam.storage import (
-    MERGED_FILENAME,
-    PartSpec,
-    PartWriter,
-    RunInfo,
-    merge_parts,
-    part_filename,
-    part_status,
-)
+from cnncam.storage import PartSpec, PartWriter, RunInfo
 from cnncam.storage import schema as S
+from cnncam.storage.runmerge import merge_run
 from cnncam.train.distributed import DistInfo, select_device
 
 log = logging.getLogger("cnncam.cam")
@@ -134,30 +128,9 @@ def export_shard(cfg: RunConfig, shard: int = 0, num_shards: int = 1, stop: Stop
 
 
 def merge(cfg: RunConfig, num_shards: int) -> Path:
-    """Validate the ``num_shards`` parts and build ``cams.h5`` (virtual datasets) next to them.
-
-    Every part that is not complete is named in one :class:`SchemaError` (with its state), so
-    a failed array task is easy to find and rerun (``launch.py cam --retry-failed``).
-    """
-    setup_logging()
-    out_dir = cams_dir(cfg)
-    states = part_status(out_dir, num_shards)
-    bad = [s for s in states if s.state != "complete"]
-    if bad:
-        listed = "; ".join(
-            f"{out_dir / part_filename(s.shard_index, num_shards)} ({s.state}"
-            + (f", {s.n_committed} of {s.n_items} items" if s.state == "partial" else "")
-            + (f": {s.message}" if s.message else "")
-            + ")"
-            for s in bad
-        )
-        raise SchemaError(
-            f"cannot merge: {len(bad)} of {num_shards} parts are not complete: {listed}. "
-            "Run the missing shards again (launch.py cam --run <run> --retry-failed)"
-        )
-    out = merge_parts([s.path for s in states], out_dir / MERGED_FILENAME)
-    log.info("merged %d part(s) into %s", num_shards, out)
-    return out
+    """Validate the ``num_shards`` parts against the run and build ``cams.h5`` next to them
+    (:func:`cnncam.storage.runmerge.merge_run`, which needs no torch)."""
+    return merge_run(cfg, num_shards)
 
 
 def export(cfg: RunConfig, num_shards: int = 1, stop: StopFlag | None = None) -> Path:
@@ -177,11 +150,24 @@ def export(cfg: RunConfig, num_shards: int = 1, stop: StopFlag | None = None) ->
 
 
 def _prepare(cfg: RunConfig, device: torch.device) -> _Setup:
-    """Load checkpoint, split and data; resolve layers; describe the run (fingerprint)."""
+    """Load checkpoint, split and data; resolve layers; describe the run (fingerprint); check
+    everything knowable (targets, path lengths) before any file is created."""
+    loaded, samples, layers, act_layers, run = _describe(cfg, device)
+    dataset = build_dataset(cfg, samples, loaded.mean, loaded.std)
+    size = cfg.data.image_size
+    return _Setup(loaded, samples, dataset, layers, act_layers, run, (size, size), dataset.boxes is not None)
+
+
+def _describe(
+    cfg: RunConfig, device: torch.device
+) -> tuple[LoadedModel, list[Sample], tuple[str, ...], tuple[str, ...], RunInfo]:
+    """Checkpoint, split, resolved layers and the run description whose fingerprint every part
+    carries (``storage.runmerge`` recomputes the same fingerprint without the model)."""
     paths = RunPaths(cfg.run_dir)
     loaded = load_model(cfg, paths, device)
     samples = load_split(cfg, paths, loaded.classes)
-    dataset = build_dataset(cfg, samples, loaded.mean, loaded.std)
+    check_targets(cfg.cam.targets, len(loaded.classes))
+    S.check_paths(rel for rel, _ in samples)
     size = cfg.data.image_size
     # A zero image suffices to resolve layer names: the probe records shapes, not values.
     example = torch.zeros(1, 3, size, size, device=device)
@@ -211,7 +197,22 @@ def _prepare(cfg: RunConfig, device: torch.device) -> _Setup:
         versions=package_versions(),
         slurm=slurm_ids(),
     )
-    return _Setup(loaded, samples, dataset, layers, act_layers, run, (size, size), dataset.boxes is not None)
+    return loaded, samples, layers, act_layers, run
+
+
+def check_targets(spec: str, num_classes: int) -> None:
+    """``cam.targets`` against the model's classes (``class:<i>``, ``topk:<k>``), before any work."""
+    kind, arg = parse_target_spec(spec)
+    if kind == "class" and arg is not None and arg >= num_classes:
+        raise CamError(
+            f"cam.targets {spec!r}: class {arg} is out of range; the model has {num_classes} classes. "
+            f"Valid choices: pred, label, all, class:0..{num_classes - 1}, topk:1..{num_classes}"
+        )
+    if kind == "topk" and arg is not None and arg > num_classes:
+        raise CamError(
+            f"cam.targets {spec!r} asks for {arg} classes but the model has {num_classes}. "
+            f"Valid choices: pred, label, all, class:0..{num_classes - 1}, topk:1..{num_classes}"
+        )
 
 
 def _loader(

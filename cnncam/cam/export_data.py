@@ -7,7 +7,6 @@ to the host; :mod:`cnncam.cam.export` drives the loop and the HDF5 writer.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -21,11 +20,13 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from cnncam.config import CamConfig, DataConfig, ModelConfig, RunConfig, from_dict
+from cnncam.config import DataConfig, ModelConfig, RunConfig, from_dict
 from cnncam.data import ImageDataset, Sample, box_to_input, eval_transform, load_boxes, load_index
 from cnncam.errors import CheckpointError, DataError
 from cnncam.models import create_model
 from cnncam.runs import RunPaths, read_classes
+from cnncam.storage.runmerge import resolve_checkpoint as resolve_checkpoint
+from cnncam.storage.schema import split_sha256 as split_sha256
 from cnncam.train.checkpoint import load_checkpoint_and_sha256
 
 log = logging.getLogger("cnncam.cam")
@@ -43,25 +44,6 @@ class LoadedModel:
     checkpoint: Path
     checkpoint_label: str  # relative to the run dir when inside it (stable when the run moves)
     checkpoint_sha256: str
-
-
-def resolve_checkpoint(cam: CamConfig, paths: RunPaths) -> Path:
-    """``cam.checkpoint``: ``best`` / ``last`` in the run's checkpoints folder, or a file path."""
-    if cam.checkpoint in ("best", "last"):
-        path = paths.best_ckpt if cam.checkpoint == "best" else paths.last_ckpt
-        if not path.is_file():
-            raise CheckpointError(
-                f"cam.checkpoint={cam.checkpoint!r} but {path} does not exist; train the run first or "
-                "set cam.checkpoint to best, last or the path of a .pt file"
-            )
-        return path
-    path = Path(cam.checkpoint)
-    if not path.is_file():
-        raise CheckpointError(
-            f"cam.checkpoint {cam.checkpoint!r} is not a file. "
-            "Valid choices: best, last, or a path to a .pt file"
-        )
-    return path
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
@@ -158,14 +140,6 @@ def load_split(cfg: RunConfig, paths: RunPaths, classes: Sequence[str]) -> list[
             f"split {cfg.cam.split!r} of run {paths.root} is empty; choose another (cam.split: {others})"
         )
     return samples
-
-
-def split_sha256(samples: Sequence[Sample]) -> str:
-    """Hash of the ordered ``(path, label)`` list: a part written for another split is refused."""
-    h = hashlib.sha256()
-    for rel, label in samples:
-        h.update(f"{rel}\t{label}\n".encode())
-    return h.hexdigest()
 
 
 class _SizeRecorder:

@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from cnncam.cam.viz import colormap_lut
 from cnncam.config import ReportConfig, RunConfig, load_config
-from cnncam.errors import CamError, ConfigError
+from cnncam.errors import CamError, ConfigError, SchemaError
 from cnncam.export_only import export_only_facts, is_export_only
 from cnncam.report import html as H
 from cnncam.report import sections as S
 from cnncam.report import summary as R
 from cnncam.report.diagnose import Curves, curves, diagnose
+from cnncam.report.imaging import colormap_lut
 from cnncam.report.select import scan
 from cnncam.report.trust import read_optional_sanity, trust_section
 from cnncam.runs import (
@@ -153,6 +153,7 @@ def _build(
     with open_cams(cams_path) as cams:
         names = _class_names(paths, cams)
         summary["classes"] = names
+        summary["notes"] += R.foreign_cam_notes(cfg, paths, cams)
         if cams.n_items == 0:
             summary["notes"].append(f"{cams_path} holds no items")
             facts = _summary(cfg, paths, c, names, cams, None, summary["notes"])
@@ -174,6 +175,7 @@ def _build(
         root = image_root(cfg, paths, saved_runs_dir)
         html, galleries = S.gallery_section(cams, result, keys, rc, cfg.data, root, figs)
         sections.append(("galleries", "Galleries", html))
+        summary["notes"] += R.outside_root_notes(galleries)
         html, means = S.means_section(cams, result, keys, rc, figs)
         sections.append(("means", "Class means", html))
         features = S.features_section(cams, rc, figs)
@@ -227,11 +229,18 @@ def image_root(cfg: RunConfig, paths: RunPaths, saved_runs_dir: str | None = Non
 
 
 def _class_names(paths: RunPaths, cams: CamFile | None) -> list[str]:
-    """Class names from the CAM file, else classes.json, else confusion_matrix.json."""
+    """Class names from the CAM file, else classes.json, else confusion_matrix.json.
+
+    A CAM file whose classes differ from the run's ``classes.json`` belongs to another run: its
+    tables would be mixed with this run's split counts, so it is refused.
+    """
     from_run = read_classes(paths) if paths.classes.is_file() else None
     if cams is not None:
         if from_run is not None and from_run != cams.class_names:
-            log.warning("classes.json and %s disagree on the class names; using the CAM file's", cams.path)
+            raise SchemaError(
+                f"{cams.path}: its classes {cams.class_names} differ from {paths.classes} {from_run}; "
+                "it belongs to another run. Pass this run's own CAM file (--cams) or none."
+            )
         return cams.class_names
     if from_run is not None:
         return from_run

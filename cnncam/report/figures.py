@@ -14,13 +14,12 @@ from typing import Literal
 
 import matplotlib
 import numpy as np
-import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cnncam.cam.viz import overlay
 from cnncam.report.diagnose import Curves, Diagnosis
+from cnncam.report.imaging import overlay
 from cnncam.report.items import Item
 from cnncam.report.select import AUC_METRICS, HIST_BINS, MetricStats
 
@@ -150,13 +149,6 @@ def confusion_figure(matrix: np.ndarray, names: Sequence[str]) -> Figure:
 # CAM galleries
 
 
-def _overlay(image: np.ndarray, map01: np.ndarray, alpha: float, cmap: str) -> np.ndarray:
-    """(H, W, 3) image and (H', W') map in [0, 1] -> (H, W, 3) blend (``cnncam.cam.viz.overlay``)."""
-    img = torch.from_numpy(image).permute(2, 0, 1)[None]
-    out = overlay(img, torch.from_numpy(map01)[None], alpha=alpha, cmap=cmap)
-    return out[0].permute(1, 2, 0).numpy()
-
-
 def gallery_figure(items: Sequence[Item], key: Key, names: Sequence[str], alpha: float, cmap: str) -> Figure:
     """One row per item, the seeds' 3 panels: image, heatmap, overlay (heatmap only without image)."""
     fig, axes = image_grid(max(len(items), 1), 3, PANEL_IN, PANEL_IN)
@@ -173,7 +165,7 @@ def gallery_figure(items: Sequence[Item], key: Key, names: Sequence[str], alpha:
         ax_row[1].set_axis_off()
         ax_row[1].set_title(label(f"explains: {names[it.explained]}", 30), fontsize=8)
         if it.image is not None:
-            ax_row[2].imshow(_overlay(it.image, m, alpha, cmap))
+            ax_row[2].imshow(overlay(it.image, m, alpha, cmap))
             ax_row[2].set_axis_off()
         else:
             _blank(ax_row[2], "heatmap only")
@@ -200,7 +192,7 @@ def comparison_figure(
         for ax, key in zip(ax_row[1:], keys):
             m = it.map01[key]
             ax.imshow(
-                _overlay(it.image, m, alpha, cmap) if it.image is not None else m,
+                overlay(it.image, m, alpha, cmap) if it.image is not None else m,
                 cmap=None if it.image is not None else cmap,
                 vmin=0,
                 vmax=1,

@@ -4,25 +4,27 @@ Maps follow the convention of ``cnncam.cam.viz`` (bilinear, ``align_corners=Fals
 per-map min-max); images go through the run's own eval geometry (resize the short side, centre
 crop), so the heatmap lies exactly where the network looked.  A missing or unreadable image is
 not an error: the item keeps its heatmap and carries a note instead.
+
+Image paths come from the CAM file, which may be foreign: only a plain relative path (no ``..``,
+not absolute) is joined to ``data.root``; any other is never opened (:func:`image_file`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
-import torch
 
-from cnncam.cam.viz import normalize, upsample
 from cnncam.config import DataConfig
 from cnncam.data.images import BadImageError, load_rgb
-from cnncam.data.transforms import eval_transform
 from cnncam.report import select as sel
+from cnncam.report.imaging import eval_geometry, normalize, upsample
 from cnncam.storage import CamFile, cam_path
+
+OUTSIDE_ROOT = "image path outside data.root: not read"
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +84,8 @@ def load_items(
     if rows.size == 0:
         return []
     # Rows are read in sorted windows spanning at most chunk_rows() file rows: bounded memory.
-    f = {
-        n: cams.read(n, rows, chunk=sel.chunk_rows(cams, [n]))
-        for n in ("samples/index", "samples/path", sel.LABEL, sel.PRED, sel.LOGITS, sel.TARGETS)
-    }
+    names = ["samples/index", "samples/path", sel.LABEL, sel.PRED, sel.LOGITS, sel.TARGETS]
+    f = cams.read_many(names, rows, chunk=sel.chunk_rows(cams, names))
     prob = sel.softmax(f[sel.LOGITS])
     slot = sel.map_for_class(f[sel.TARGETS], f[sel.PRED])
     slot = np.where(slot < 0, 0, slot)
@@ -127,18 +127,37 @@ def display_maps(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Non-finite values (fill values of a missing source) become 0 rather than poisoning the map.
     """
-    t = torch.from_numpy(np.nan_to_num(raw.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0))
-    return normalize(upsample(t, size)).numpy().astype(np.float32)
+    finite = np.nan_to_num(raw.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    return normalize(upsample(finite, size)).astype(np.float32)
+
+
+def image_file(root: Path, rel: str) -> Path | None:
+    """``root/rel`` when ``rel`` is a plain relative path (no ``..``, not absolute); else None.
+
+    Symbolic links inside ``data.root`` are followed, as training followed them.
+    """
+    parts = PurePosixPath(rel).parts
+    if (
+        not rel
+        or "\x00" in rel
+        or PurePosixPath(rel).is_absolute()
+        or ".." in parts
+        or Path(rel).is_absolute()
+    ):
+        return None
+    return Path(root, *parts)
 
 
 def load_image(root: Path, rel: str, data: DataConfig) -> tuple[np.ndarray | None, str]:
     """``root/rel`` through the eval geometry -> ((H, W, 3) float32 in [0, 1], ""), or (None, note)."""
-    path = Path(root) / rel
+    path = image_file(root, rel)
+    if path is None:
+        log.warning("report: image path %r of the CAM file is not inside data.root; not read", rel[:200])
+        return None, OUTSIDE_ROOT
     try:
         img = load_rgb(path, data.max_image_pixels)
     except BadImageError as e:
         log.warning("report: image %s not shown (%s)", path, e)
         reason = "file missing" if not path.exists() else e.reason
         return None, f"image not available ({reason}): heatmap only"
-    geometry = eval_transform(dataclasses.replace(data, normalize="none"), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    return geometry(img).permute(1, 2, 0).clamp(0, 1).numpy().astype(np.float32), ""
+    return eval_geometry(img, data), ""

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
-from cnncam.cam.viz import upsample
 from cnncam.config import DataConfig, ReportConfig
 from cnncam.report import figures as F
 from cnncam.report import html as H
 from cnncam.report.diagnose import Curves, Diagnosis
+from cnncam.report.imaging import upsample
 from cnncam.report.items import Item, input_size, load_items
 from cnncam.report.select import GALLERIES, Scan
 from cnncam.report.summary import class_metrics
@@ -249,7 +248,7 @@ def means_section(
     summary: dict[str, Any] = {}
     for i, key in enumerate(keys):
         means = scan.class_means(key)[classes].astype(np.float32)
-        shown = upsample(torch.from_numpy(means), size).clamp(0, 1).numpy()
+        shown = np.clip(upsample(means, size), 0, 1)
         fig = F.class_means_figure(
             shown, scan.class_counts[key][classes], [cams.class_names[c] for c in classes], rc.colormap
         )

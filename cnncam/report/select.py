@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from cnncam.cam.viz import normalize
 from cnncam.console import track
+from cnncam.report.imaging import normalize
 from cnncam.storage import CamFile, cam_path, metric_path
 
 CHUNK_ROWS = 4096  # rows per read window (tests monkeypatch it to check chunk independence)
@@ -95,7 +94,7 @@ def map_for_class(targets: np.ndarray, cls: np.ndarray) -> np.ndarray:
 
 def minmax(maps: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Per-map min-max to [0, 1] over the last two dims, in float64: ``cnncam.cam.viz.normalize``."""
-    return normalize(torch.from_numpy(maps.astype(np.float64)), eps).numpy()
+    return normalize(maps.astype(np.float64), eps)
 
 
 def metric_datasets(cams: CamFile) -> dict[tuple[str, str], list[str]]:

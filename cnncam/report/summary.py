@@ -7,14 +7,21 @@ per-class metrics come from a (C, C) confusion matrix.
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cnncam.config import RunConfig
+from cnncam.data.splits import load_index
 from cnncam.errors import CnncamError
+from cnncam.report.items import OUTSIDE_ROOT
 from cnncam.runs import RunPaths, read_json
+from cnncam.storage import CamFile
+from cnncam.storage.schema import split_sha256
+
+log = logging.getLogger(__name__)
 
 
 def class_metrics(matrix: np.ndarray) -> dict[str, Any]:
@@ -179,3 +186,35 @@ def job_rows(paths: RunPaths) -> list[tuple[object, ...]]:
                 )
             )
     return rows
+
+
+def foreign_cam_notes(cfg: RunConfig, paths: RunPaths, cams: CamFile) -> list[str]:
+    """Notes flagging a CAM file of another run with the same classes (shown, but never silently): its
+    split differs from this run's saved one, or (when that cannot be checked) its run name."""
+    split, found = cams.attrs.get("split"), cams.attrs.get("run_name")
+    want = cams.attrs.get("split_sha256") or ""
+    try:
+        samples = load_index(paths, Path(cfg.data.root)).splits[str(split)] if want else None
+    except (CnncamError, KeyError):
+        samples = None
+    if samples is not None:
+        if split_sha256(samples) == want:
+            return []
+        note = f"The CAM file {cams.path} was exported from another {split} split than this run's saved one"
+    elif found != cfg.name:
+        note = f"The CAM file {cams.path} comes from another run"
+    else:
+        return []
+    note += f" (it belongs to run {found!r}, not {cfg.name!r}): check that it is the one meant."
+    log.warning("report: %s", note)
+    return [note]
+
+
+def outside_root_notes(galleries: dict[str, Any]) -> list[str]:
+    """A note when gallery image paths of the CAM file pointed outside ``data.root`` (not read)."""
+    items = [i for g in galleries.values() if isinstance(g, list) for i in g]
+    items += [i for g in galleries.get("per_class", {}).values() for i in g]
+    bad = sum(i["note"] == OUTSIDE_ROOT for i in items)
+    if not bad:
+        return []
+    return [f"{bad} gallery image path(s) in the CAM file are outside data.root; those images were not read."]

@@ -21,12 +21,12 @@ from cnncam.storage.schema import (
     FILTERS_FIRST_CONV,
     METRICS,
     PATH,
-    PATH_BYTES,
     SAMPLE_FIELDS,
     SAMPLES,
     UPSAMPLED,
     activation_path,
     cam_path,
+    check_paths,
     dtype_for,
     metric_path,
     sample_path,
@@ -142,10 +142,5 @@ def convert(path: str, value: Any) -> np.ndarray:
 
 def _encode_paths(value: Any) -> np.ndarray:
     encoded = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in value]
-    too_long = [e for e in encoded if len(e) >= PATH_BYTES]
-    if too_long:
-        raise SchemaError(
-            f"image path {too_long[0][:80]!r}... is {len(too_long[0])} bytes; the schema "
-            f"stores at most {PATH_BYTES - 1} (samples/path)"
-        )
+    check_paths(encoded)
     return np.array(encoded, dtype=dtype_for(PATH)).reshape(len(encoded))

@@ -2,9 +2,16 @@
 
 A virtual dataset reads a missing or unreadable source as its fill value without any error
 (HDFGroup/hdf5#5088, h5py#1546), and a source smaller than declared can hang a read
-(h5py#1218).  So :func:`merge_parts` validates every part - complete, same schema version,
-fingerprint and run attributes, same dataset shapes, contiguous index ranges covering
-``[0, N)`` - before it builds anything, and the fill values (NaN, -1) stay testable.
+(h5py#1218).  So :func:`merge_parts` validates every part before it builds anything: a plain
+part file (no links, no external or virtual storage), complete, the run's fingerprint when one
+is given, same schema version and run attributes as the other parts, same dataset shapes,
+contiguous index ranges covering ``[0, N)``, and every chunk of every dataset read once so that
+its fletcher32 checksum is verified (a bit flip names the part and the dataset here, not later
+in a report).  With many parts (or ``consolidate=True``) the data is copied into one physical
+file instead (:mod:`cnncam.storage.consolidate`).
+
+Concurrent merges into one folder are serialised by a lock file and write unique temporary
+names; the last one publishes (``os.replace``), and both results are the same file.
 """
 
 from __future__ import annotations
@@ -21,10 +28,19 @@ import h5py
 import numpy as np
 
 from cnncam.errors import SchemaError
+from cnncam.storage import guard
 from cnncam.storage import schema as S
+from cnncam.storage.locks import merge_lock
 from cnncam.storage.recover import commit_path, partial_path, read_commit
+from cnncam.storage.sources import read_rows, verify_dataset
+
+# Above this many parts merge_parts consolidates by default: libhdf5 keeps every source of a
+# virtual dataset open (1024 is a common `ulimit -n`), and opening and reading through
+# thousands of sources is slow for every tool but cnncam's own reader (benchmarks/README.md).
+CONSOLIDATE_ABOVE = 128
 
 PartState = Literal["missing", "partial", "complete", "foreign", "corrupt"]
+_STATUS_ATTRS = ("fingerprint", "shard_index", "num_shards", "complete", "n_items")
 
 
 @dataclass(frozen=True)
@@ -56,7 +72,8 @@ def _status(cams_dir: Path, i: int, n: int, fingerprint: str | None) -> PartStat
         try:
             with h5py.File(final, "r", locking=False) as f:
                 S.check_version(final, f.attrs)
-                attrs = S.decode_attrs(f.attrs)
+                # Only what the state needs: a merge reads every attribute later anyway.
+                attrs = S.decode_attrs({k: f.attrs[k] for k in _STATUS_ATTRS if k in f.attrs}, final)
         except (OSError, SchemaError) as e:
             return PartStatus(i, "corrupt", final, message=str(e))
         found = attrs.get("fingerprint")
@@ -71,6 +88,8 @@ def _status(cams_dir: Path, i: int, n: int, fingerprint: str | None) -> PartStat
             )
         if not attrs.get("complete"):
             return PartStatus(i, "corrupt", final, message="final name but not marked complete")
+        if not guard.is_int(attrs.get("n_items")):
+            return PartStatus(i, "corrupt", final, message=f"n_items {guard.shown(attrs.get('n_items'))}")
         return PartStatus(i, "complete", final, int(attrs["n_items"]), int(attrs["n_items"]))
     partial = partial_path(final)
     if partial.exists():
@@ -91,7 +110,7 @@ def _status(cams_dir: Path, i: int, n: int, fingerprint: str | None) -> PartStat
 
 
 @dataclass(frozen=True)
-class _Part:
+class Part:
     path: Path
     attrs: dict[str, Any]  # decoded
     raw: dict[str, Any]  # as stored, to copy verbatim
@@ -113,25 +132,54 @@ class _Part:
         }
 
 
-def merge_parts(part_paths: Sequence[Path], out: Path) -> Path:
-    """Check every part, then write ``out`` (kind "merged") presenting all parts as single
-    virtual datasets with source paths relative to ``out``'s folder; temp file + ``os.replace``."""
+def merge_parts(
+    part_paths: Sequence[Path],
+    out: Path,
+    *,
+    fingerprint: str | None = None,
+    consolidate: bool | None = None,
+    verify: bool = True,
+) -> Path:
+    """Check every part, then write ``out`` (kind "merged") and return it.
+
+    ``fingerprint``: the run's; a part with another one is refused by name.  ``consolidate``:
+    True copies the data into ``out`` (one self-contained file), False writes virtual datasets
+    over the parts (source paths relative to ``out``'s folder), None (default) consolidates above
+    :data:`CONSOLIDATE_ABOVE` parts.  ``verify=False`` skips reading every chunk (tests only).
+    Written to a unique temporary name, then ``os.replace``: a crash never leaves a half file.
+    """
     if not part_paths:
         raise SchemaError("merge_parts needs at least one part file")
-    parts = [_inspect(Path(p)) for p in part_paths]
+    parts = [_inspect(Path(p), fingerprint, verify and consolidate is not True) for p in part_paths]
     _check_consistent(parts)
     parts.sort(key=lambda p: (p.start, int(p.attrs["shard_index"])))
     _check_coverage(parts)
+    if consolidate is None:
+        consolidate = len(parts) > CONSOLIDATE_ABOVE
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    with h5py.File(tmp, "w", libver=S.LIBVER) as f:
-        _write_merged(f, parts, out.parent)
-    os.replace(tmp, out)
+    with merge_lock(out.with_name(out.name + ".lock")) as locked:
+        if locked:  # we hold the lock: temp files left here are from killed merges
+            for old in out.parent.glob(f"{out.name}.*.partial"):
+                old.unlink(missing_ok=True)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}-{os.urandom(4).hex()}.partial")
+        try:
+            if consolidate:
+                from cnncam.storage.consolidate import write_consolidated
+
+                rel, provenance = _provenance(parts, out.parent)
+                write_consolidated(tmp, parts, lambda f: merged_attrs(f, parts, rel, provenance))
+            else:
+                with h5py.File(tmp, "w", libver=S.LIBVER, locking=False) as f:
+                    _write_merged(f, parts, out.parent)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return out
 
 
-def _inspect(path: Path) -> _Part:
+def _inspect(path: Path, fingerprint: str | None, verify: bool) -> Part:
     if not path.exists():
         hint = (
             " (a .partial file exists: the shard is still running or was interrupted)"
@@ -144,24 +192,22 @@ def _inspect(path: Path) -> _Part:
     except OSError as e:
         raise SchemaError(f"part {path} cannot be opened: {e}") from None
     with f:
-        S.check_version(path, f.attrs)
-        raw = dict(f.attrs)
-        attrs = S.decode_attrs(raw)
-        missing = [k for k in S.REQUIRED_ATTRS if k not in attrs]
-        if missing:
-            raise SchemaError(f"part {path} lacks root attributes {', '.join(missing)}")
+        raw = dict(f.attrs)  # each attribute read once
+        attrs = guard.validated_attrs(f"part {path}", raw)
+        datasets = guard.check_objects(f, f"part {path}", allow_virtual=False)
         if attrs["kind"] != S.PART_KIND or not attrs["complete"]:
             raise SchemaError(
                 f"part {path} is not a complete part (kind={attrs['kind']}, "
                 f"{attrs.get('n_committed')} of {attrs['n_items']} items committed)"
             )
-        shapes = {k: (d.shape, d.dtype) for k, d in S.list_datasets(f).items()}
-        part = _Part(path, attrs, raw, shapes)
-        n = part.stop - part.start
-        if int(attrs["n_items"]) != n:
+        if fingerprint is not None and attrs["fingerprint"] != fingerprint:
             raise SchemaError(
-                f"part {path}: n_items={attrs['n_items']} but range is [{part.start}, {part.stop})"
+                f"part {path} belongs to another run/config/checkpoint/split (fingerprint "
+                f"{attrs['fingerprint']}, this run has {fingerprint}); remove it or export that shard again"
             )
+        shapes = {k: (d.shape, d.dtype) for k, d in datasets.items()}
+        part = Part(path, attrs, raw, shapes)
+        n = part.stop - part.start
         short = [k for k, (s, _) in part.tails(True).items() if part.shapes[k][0][0] != n]
         if short:
             raise SchemaError(f"part {path}: {', '.join(short)} do not have n_items={n} rows")
@@ -169,13 +215,25 @@ def _inspect(path: Path) -> _Part:
             raise SchemaError(f"part {path} has {n} items but no {S.INDEX} dataset")
         if n:
             for a in range(0, n, 1 << 20):
-                got = f[S.INDEX][a : a + (1 << 20)]
+                got = read_rows(f"part {path}", datasets[S.INDEX], a, a + (1 << 20))
                 if not np.array_equal(got, np.arange(part.start + a, part.start + a + len(got))):
                     raise SchemaError(f"part {path}: samples/index is not {part.start}..{part.stop - 1}")
+        if verify:
+            for name, d in datasets.items():
+                verify_dataset(f"part {path}", name, d)
     return part
 
 
-def _check_consistent(parts: list[_Part]) -> None:
+def _provenance(parts: list[Part], out_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Part paths relative to ``out_dir`` and, per part, its volatile attributes (provenance)."""
+    rel = [Path(os.path.relpath(p.path.resolve(), out_dir.resolve())).as_posix() for p in parts]
+    provenance = [
+        {"path": r, **{k: v for k, v in p.attrs.items() if k in S.VOLATILE_ATTRS}} for r, p in zip(rel, parts)
+    ]
+    return rel, provenance
+
+
+def _check_consistent(parts: list[Part]) -> None:
     ref = parts[0]
     for p in parts[1:]:
         if p.attrs["fingerprint"] != ref.attrs["fingerprint"]:
@@ -211,7 +269,7 @@ def _check_consistent(parts: list[_Part]) -> None:
                 raise SchemaError(S.layout_diff(f"part {p.path}", lay, layouts[0][0].path, layouts[0][1]))
 
 
-def _check_coverage(parts: list[_Part]) -> None:
+def _check_coverage(parts: list[Part]) -> None:
     end, prev = 0, None
     for p in parts:
         if p.start > end:
@@ -223,14 +281,11 @@ def _check_coverage(parts: list[_Part]) -> None:
         end, prev = p.stop, p.path
 
 
-def _write_merged(f: h5py.File, parts: list[_Part], out_dir: Path) -> None:
+def merged_attrs(f: h5py.File, parts: list[Part], rel: list[str], provenance: list[dict[str, Any]]) -> None:
+    """The merged file's root attributes (and ``meta/config``), from part 0 and the part list."""
     ref, n_total = parts[0], parts[-1].stop
-    rel = [Path(os.path.relpath(p.path.resolve(), out_dir.resolve())).as_posix() for p in parts]
     keep = (*S.RUN_LEVEL_ATTRS, "kind", "config_json", "git_commit", "git_dirty", "versions")
     f.attrs.update({k: v for k, v in ref.raw.items() if k in keep})
-    provenance = [
-        {"path": r, **{k: v for k, v in p.attrs.items() if k in S.VOLATILE_ATTRS}} for r, p in zip(rel, parts)
-    ]
     f.attrs.update(
         {
             "kind": S.MERGED_KIND,
@@ -248,6 +303,12 @@ def _write_merged(f: h5py.File, parts: list[_Part], out_dir: Path) -> None:
     with h5py.File(ref.path, "r", locking=False) as src:
         if S.META_CONFIG in src:
             f.create_dataset(S.META_CONFIG, data=src[S.META_CONFIG][()], dtype=S.dtype_for(S.META_CONFIG))
+
+
+def _write_merged(f: h5py.File, parts: list[Part], out_dir: Path) -> None:
+    rel, provenance = _provenance(parts, out_dir)
+    merged_attrs(f, parts, rel, provenance)
+    n_total = parts[-1].stop
     filled = [(p, r) for p, r in zip(parts, rel) if p.stop > p.start]
     if not filled:
         return

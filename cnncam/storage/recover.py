@@ -56,6 +56,11 @@ def commit_path(final: Path) -> Path:
     return final.with_name(final.name + ".partial.commit")
 
 
+def lock_path(final: Path) -> Path:
+    """The writer's lock file (:class:`cnncam.storage.locks.WriterLock`); removed once final."""
+    return final.with_name(final.name + ".lock")
+
+
 def read_commit(path: Path) -> dict[str, Any] | None:
     """The commit record, or None when absent or unreadable (then nothing counts as committed)."""
     try:
@@ -113,23 +118,23 @@ class PartRecovery:
 
     def _try_recover(self) -> tuple[tuple[int, tuple[str, ...]] | None, str | None]:
         record = read_commit(self.commit)
-        try:  # a shared lock fails only while a live process (a duplicate task) writes the file
-            src = h5py.File(self.partial, "r", locking=True)
-        except BlockingIOError:
-            raise SchemaError(
-                f"{self.partial} is being written by another process; not touching it"
-            ) from None
-        except OSError:
-            try:  # filesystems without locks (or a corrupt file: then this fails too)
-                src = h5py.File(self.partial, "r", locking=False)
-            except OSError as e:
-                return None, f"cannot be opened ({e})"
+        try:  # the writer holds the part's lock: no other live process writes this file
+            src = h5py.File(self.partial, "r", locking=False)
+        except OSError as e:
+            return None, f"cannot be opened ({e})"
         with src:
-            attrs = S.decode_attrs(src.attrs)
+            try:
+                attrs = S.decode_attrs(src.attrs, self.partial)
+            except SchemaError as e:
+                return None, f"has damaged attributes ({e})"
             found = attrs.get("fingerprint")
             if found is None:
                 return None, "has no fingerprint (killed while being created)"
             if found != self.fingerprint:
+                committed = record["n_committed"] if record and record.get("fingerprint") == found else None
+                if committed == 0 or (committed is None and not attrs.get("n_committed")):
+                    # Nothing of value: e.g. the empty part of a run refused with bad targets.
+                    return None, f"belongs to another config ({found}) but holds no committed rows"
                 raise SchemaError(_foreign(self.partial, found, self.fingerprint))
             if record is None or record.get("fingerprint") != found or record["n_committed"] <= 0:
                 lost = attrs.get("n_committed", 0) > 0  # warn only if committed-looking rows are dropped
@@ -148,7 +153,7 @@ class PartRecovery:
         """Build a fresh partial (holding the first ``n`` rows of ``src``) and swap it in atomically."""
         tmp, sp = self.partial.with_name(self.partial.name + ".new"), self.spec
         attrs, big_config = S.run_attrs(sp.run)
-        with h5py.File(tmp, "w", libver=S.LIBVER, locking="best-effort") as dst:
+        with h5py.File(tmp, "w", libver=S.LIBVER, locking=False) as dst:
             dst.attrs.update(attrs)
             dst.attrs.update(
                 {

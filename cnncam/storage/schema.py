@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
@@ -71,7 +71,8 @@ SLURM_ATTRS = tuple(
 JSON_ATTRS = frozenset(
     "class_names layers methods normalization versions config_json parts part_provenance".split()
 )
-BOOL_ATTRS = frozenset({"complete", "git_dirty"})  # stored as int8 1/0 (-1 = unknown), read as bool/None
+# Stored as int8 1/0 (-1 = unknown), read as bool/None.
+BOOL_ATTRS = frozenset({"complete", "git_dirty", "consolidated"})
 # Describe the run: all parts of one merge must agree on every one of them.
 RUN_LEVEL_ATTRS = tuple(
     "schema_version fingerprint run_name split split_sha256 model class_names layers methods targets "
@@ -88,7 +89,7 @@ REQUIRED_ATTRS = tuple(
 # more workers or a longer time limit still resumes its own parts.
 VOLATILE_CONFIG_KEYS = tuple(
     "runs_dir slurm report cam.num_workers cam.queue_size cam.out data.num_workers data.pin_memory "
-    "data.persistent_workers cam.durable sanity".split()
+    "data.persistent_workers cam.durable sanity cam.consolidate".split()
 )
 
 
@@ -115,6 +116,17 @@ def sample_path(name: str) -> str:
     if name not in SAMPLE_FIELDS:
         raise SchemaError(choice_message("sample field", name, SAMPLE_FIELDS))
     return f"{SAMPLES}/{name}"
+
+
+def check_paths(paths: Iterable[str | bytes]) -> None:
+    """Refuse an image path that ``samples/path`` cannot store (UTF-8, at most PATH_BYTES - 1 bytes)."""
+    for p in paths:
+        encoded = p if isinstance(p, bytes) else str(p).encode("utf-8")
+        if len(encoded) >= PATH_BYTES:
+            raise SchemaError(
+                f"image path {encoded[:80]!r}... is {len(encoded)} bytes; the schema stores at most "
+                f"{PATH_BYTES - 1} (samples/path). Move or rename the file to a shorter path."
+            )
 
 
 def cam_path(method: str, layer: str) -> str:
@@ -316,6 +328,14 @@ class RunInfo:
         return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:32]
 
 
+def split_sha256(samples: Sequence[tuple[str, int]]) -> str:
+    """The ``split_sha256`` attribute: hash of the ordered ``(path, label)`` list of the split."""
+    h = hashlib.sha256()
+    for rel, label in samples:
+        h.update(f"{rel}\t{label}\n".encode())
+    return h.hexdigest()
+
+
 # RunInfo fields that define the stored values (with the config minus VOLATILE_CONFIG_KEYS).
 _IDENTITY = tuple(
     "run_name split split_sha256 model class_names methods layers targets input_size normalization "
@@ -368,18 +388,26 @@ def run_attrs(run: RunInfo) -> tuple[dict[str, Any], str | None]:
     return attrs, None
 
 
-def decode_attrs(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """HDF5 root attributes as Python values: JSON decoded, 0/1 flags as bool, numpy scalars unwrapped."""
+def decode_attrs(raw: Mapping[str, Any], where: object = "CAM file") -> dict[str, Any]:
+    """HDF5 root attributes as Python values: JSON decoded, 0/1 flags as bool, numpy scalars unwrapped.
+
+    Raises :class:`SchemaError` naming ``where`` when a JSON attribute does not parse.
+    """
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if isinstance(value, bytes):
-            value = value.decode("utf-8")
+            value = value.decode("utf-8", errors="replace")
         if isinstance(value, np.ndarray):
             value = value.tolist()
         elif isinstance(value, np.generic):
             value = value.item()
         if key in JSON_ATTRS and isinstance(value, str):
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise SchemaError(
+                    f"{where}: root attribute {key} is not valid JSON ({e}); the file is damaged"
+                ) from None
         elif key in BOOL_ATTRS:
             value = None if value == -1 else bool(value)
         out[key] = value
@@ -390,7 +418,14 @@ def check_version(path: object, attrs: Mapping[str, Any]) -> int:
     """Raise :class:`SchemaError` unless ``attrs`` carry a supported ``schema_version``."""
     if "schema_version" not in attrs:
         raise SchemaError(f"{path} is not a cnncam CAM file (no 'schema_version' root attribute)")
-    version = int(np.asarray(attrs["schema_version"]).item())
+    version = np.asarray(attrs["schema_version"]).item()
+    if isinstance(version, bytes):
+        version = version.decode("utf-8", errors="replace")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SchemaError(
+            f"{path}: schema_version {str(version)[:40]!r} is not an integer; the file is damaged "
+            "or not a cnncam CAM file"
+        )
     if version not in SUPPORTED_SCHEMA_VERSIONS:
         supported = ", ".join(map(str, SUPPORTED_SCHEMA_VERSIONS))
         raise SchemaError(

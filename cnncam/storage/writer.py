@@ -35,7 +35,15 @@ import numpy as np
 from cnncam.errors import SchemaError, choice_message
 from cnncam.storage import schema as S
 from cnncam.storage.batch import PartBatch, convert_extras, convert_rows
-from cnncam.storage.recover import PartRecovery, ResumeState, _write_commit, commit_path, partial_path
+from cnncam.storage.locks import WriterLock
+from cnncam.storage.recover import (
+    PartRecovery,
+    ResumeState,
+    _write_commit,
+    commit_path,
+    lock_path,
+    partial_path,
+)
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -104,7 +112,11 @@ class PartWriter(PartRecovery):
             if self.partial.resolve() in _OPEN:
                 raise SchemaError(f"{self.partial} is already open in a writer of this process")
             _OPEN.add(self.partial.resolve())
+        # A process lock, not libhdf5's flock: forked DataLoader workers must never hold it.
+        self._lock = WriterLock(lock_path(self.path))
         try:
+            if not self._lock.try_acquire():
+                raise SchemaError(f"{self.partial} is being written by another process; not touching it")
             self.state = self._prepare()
         except BaseException:
             self._shutdown()
@@ -325,7 +337,7 @@ class PartWriter(PartRecovery):
             self.commit.unlink(missing_ok=True)
             self._rebuild(None, 0, (), S.utc_now())
         self._committed, self._done_extras = kept or (0, ())
-        self._f = h5py.File(self.partial, "r+", libver=S.LIBVER, locking="best-effort")
+        self._f = h5py.File(self.partial, "r+", libver=S.LIBVER, locking=False)
         self._f.attrs.update({k: v for k, v in S.run_attrs(sp.run)[0].items() if k.startswith("slurm_")})
         self._fd = os.open(self.partial, os.O_RDONLY) if self.durable else None
         self._inode = os.stat(self.partial).st_ino
@@ -350,8 +362,9 @@ class PartWriter(PartRecovery):
         assert self._f is not None
         self._f.attrs["complete"] = np.int8(1)
         self._f.flush()
-        self._shutdown()  # closes and fsyncs: "complete" is on disk before the rename
+        self._shutdown(keep_lock=True)  # closes and fsyncs: "complete" is on disk before the rename
         if os.stat(self.partial).st_ino != self._inode:  # never publish another process's file
+            self._lock.release()
             raise SchemaError(f"{self.partial} was replaced by another process while being written")
         os.replace(self.partial, self.path)
         self._finalized = True
@@ -360,8 +373,9 @@ class PartWriter(PartRecovery):
             os.fsync(fd)
             os.close(fd)
         self.commit.unlink(missing_ok=True)
+        self._lock.release(remove=True)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, keep_lock: bool = False) -> None:
         self._closed = True
         with _OPEN_LOCK:
             _OPEN.discard(self.partial.resolve())
@@ -375,3 +389,5 @@ class PartWriter(PartRecovery):
         if fd is not None:
             os.fsync(fd)
             os.close(fd)
+        if not keep_lock:
+            self._lock.release()
