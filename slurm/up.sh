@@ -105,6 +105,9 @@ fi
 NODE=$(hostname -s)
 MEM_MB=$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 }' /proc/meminfo)
 GPU_LAST=$((GPUS - 1))
+# Memory is a consumable (and so an enforced) resource only on the two-node partitions: a job
+# there gets --mem (default: its share of the node per CPU), and OverMemoryKill ends it above that.
+MN_MEM="SelectTypeParameters=CR_Core_Memory DefMemPerCPU=$((MEM_MB / CPUS))"
 mkdir -p "$BASE"/{conf,state,spool,log,run,pids,dev}
 gres_line=""
 ((GPUS > 0)) && gres_line=" Gres=gpu:$GPUS"
@@ -168,9 +171,9 @@ PartitionName=gpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=cpu Nodes=$NODE MaxTime=INFINITE State=UP
 NodeName=n1 NodeHostname=${MN_HOST[1]} NodeAddr=${MN_ADDR[1]} Port=${MN_PORT[1]} CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB State=UNKNOWN
 NodeName=n2 NodeHostname=${MN_HOST[2]} NodeAddr=${MN_ADDR[2]} Port=${MN_PORT[2]} CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB State=UNKNOWN
-PartitionName=mn Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=1
-PartitionName=mncancel Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=CANCEL
-PartitionName=mnurgent Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+PartitionName=mn Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=1 $MN_MEM
+PartitionName=mncancel Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=CANCEL $MN_MEM
+PartitionName=mnurgent Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF $MN_MEM
 EOF
 
 {
