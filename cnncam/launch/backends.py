@@ -24,7 +24,7 @@ from cnncam.launch import params as P
 from cnncam.launch import submitit_api as S
 from cnncam.launch.next_steps import explain
 from cnncam.launch.records import JobRecord, TaskStatus, task_folder
-from cnncam.launch.slurm_state import slurm_tasks
+from cnncam.launch.slurm_state import Runner, slurm_tasks
 from cnncam.launch.tasks import (
     AfterOk,
     LaunchTask,
@@ -38,8 +38,6 @@ from cnncam.runs import RunPaths
 
 if TYPE_CHECKING:
     from cnncam.config import SlurmConfig
-
-Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
 def run_command(cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -57,7 +55,6 @@ class Submission:
     slurm: SlurmConfig
     run_name: str
     python: str  # how the job starts python (the interpreter, plus -P when running a snapshot)
-    paths: RunPaths
     env: Callable[[], contextlib.AbstractContextManager[None]]  # the environment jobs are submitted with
     on_failure: Callable[[JobRecord], None] | None = None  # inline: record a failed run
 

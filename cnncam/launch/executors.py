@@ -154,7 +154,6 @@ class Launcher:
             self.slurm,
             self.run_name,
             self._python(),
-            self.paths,
             lambda: clean_slurm_env(code),
             on_failure,
         )

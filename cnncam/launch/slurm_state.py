@@ -1,4 +1,4 @@
-"""What Slurm says about a job, read truthfully, and what to do next, in plain words.
+"""What Slurm says about a job, read truthfully (:mod:`cnncam.launch.next_steps` words it).
 
 One batched ``sacct -D`` (every run of every job, with its steps) and one ``squeue`` (live, since
 sacct lags a few seconds) per ``status``, whatever the number of jobs (sacct storms are a known
@@ -6,12 +6,13 @@ pain on shared clusters: submitit#1759, #1659).  The cases below were recorded o
 cluster (``tests/slurm_recordings/``) and each one has a test:
 
 * a job preempted or failed on a node and then **requeued**: ``sacct -D`` keeps a PREEMPTED or
-  NODE_FAIL row for every earlier run next to the current one; the current run is the one
-  that counts, the earlier ones are its history (and its restart count);
+  NODE_FAIL row for every earlier run next to the current one (and right after the requeue it has
+  no row for the new run yet, while squeue shows it PENDING); the current run is the one that
+  counts, the earlier ones are its history and its restart count;
 * **PreemptMode=CANCEL**: PREEMPTED is final, nothing requeues the job;
 * **NODE_FAIL**: the node died under the job, so no checkpoint signal came;
-* **OUT_OF_MEMORY**: the step was killed over ``--mem`` (the allocation may read FAILED or
-  CANCELLED while its step says OUT_OF_MEMORY);
+* **out of memory**: with cgroups the job reads OUT_OF_MEMORY; with polled ``OverMemoryKill`` it
+  reads FAILED, its step CANCELLED, and only the step's MaxRSS above ReqMem tells why;
 * **TIMEOUT without a checkpoint**: the time limit came before the job could save (no USR2, or
   the step + save took longer than ``--signal-delay``);
 * the job **could not requeue itself** (``scontrol`` missing on the node): the task's own state
