@@ -25,7 +25,7 @@ from cnncam.launch import snapshot as snap_mod
 from cnncam.launch import submitit_api as S
 from cnncam.launch import tasks as T
 from cnncam.launch.executors import Launcher, clean_slurm_env
-from cnncam.launch.jobs import load_records
+from cnncam.launch.jobs import JobRecord, load_records
 from cnncam.launch.probe import ProbeTask
 from cnncam.runs import RunPaths
 from cnncam.stop import StopFlag
@@ -174,6 +174,32 @@ def test_one_snapshot_per_launcher_call_and_none_inline(tmp_path: Path) -> None:
     inline = Launcher("inline", tmp_path / "in", "in", cfg.slurm)
     rec = inline.submit("probe", [ProbeTask(str(tmp_path / "in" / "probe"), steps=1, step_s=0.0)])
     assert rec.state == "COMPLETED" and rec.code is None and inline.snapshot is None
+
+
+class _Queued(B.LocalBackend):
+    """Records what would be submitted, starts nothing (the jobs would import a fake package)."""
+
+    def submit(self, sub: B.Submission) -> JobRecord:
+        return JobRecord(sub.kind, self.name, "1", ["1"], str(sub.folder), sub.name)
+
+
+def test_code_edited_between_two_jobs_of_one_call_is_not_picked_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline's CAM job runs the code its training job was submitted with."""
+    repo = committed_checkout(tmp_path / "src", {"cnncam/__init__.py": "A = 1\n"})
+    monkeypatch.setattr(snap_mod, "source_root", lambda: repo)
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "name=p"])
+    launcher = Launcher("local", cfg.run_dir, cfg.name, cfg.slurm)
+    launcher.backend = _Queued()
+    task = ProbeTask(str(tmp_path / "probe"))
+    first = launcher.submit("train", [task])
+    (repo / "cnncam" / "__init__.py").write_text("A = 2\n")
+    second = launcher.submit("cam", [task], [first])
+    assert first.code == second.code and [p.name for p in (cfg.run_dir / "code").iterdir()] == [
+        Path(first.code or "").name
+    ]
+    assert (cfg.run_dir / (first.code or "") / "cnncam" / "__init__.py").read_text() == "A = 1\n"
 
 
 def test_provenance_of_a_checkout_keeps_its_uncommitted_diff(
