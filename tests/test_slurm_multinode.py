@@ -65,7 +65,9 @@ def test_two_nodes_rendezvous_over_their_own_network(tmp_path: Path, two_nodes: 
 
 
 @pytest.mark.slow
-def test_ddp_on_two_nodes_matches_one_node_and_resumes_exactly(tmp_path: Path, shapes: Path) -> None:
+def test_ddp_on_two_nodes_matches_one_node_and_resumes_exactly(
+    tmp_path: Path, shapes: Path, two_nodes: bool
+) -> None:
     common = ("--set", "train.epochs=6", "--set", "data.batch_size=4")
     one_node = _train(
         tmp_path, shapes, "one-node", "--partition", "cpu", "--gpus", "0", "--tasks-per-node", "2", *common
@@ -92,3 +94,9 @@ def test_ddp_on_two_nodes_matches_one_node_and_resumes_exactly(tmp_path: Path, s
     # The requeued 2-node run resumed exactly: bit for bit the uninterrupted one.
     c = _model(broken)
     assert all(torch.equal(b[k], c[k]) for k in b)
+    # Both starts imported the code snapshot taken at submission (Slurm kept the job's environment).
+    prov = read_json(broken / "provenance.json")
+    assert prov["git"]["snapshot"].startswith("code/")
+    if two_nodes:  # rank 0 ran on the first node, in its own hostname namespace
+        assert prov["host"] == "n1"
+    assert [r["git"]["snapshot"] for r in prov["restarts"]] == [prov["git"]["snapshot"]]

@@ -78,7 +78,9 @@ class Launcher:
     python: str | None = None  # how nodes start python; default: this interpreter
     out: TextIO = field(default_factory=lambda: sys.stdout)
     submitted: list[JobRecord] = field(default_factory=list)
-    snapshot: CodeSnapshot | None = None  # taken at the first submission, shared by all of them
+    # Taken at the first submission, shared by all of them; not copied by dataclasses.replace (a
+    # launcher for another run folder takes its own).
+    snapshot: CodeSnapshot | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.backend: Backend = backend(self.executor)

@@ -60,6 +60,26 @@ class RequeueFailed(LaunchError):
     """The checkpoint is on disk, but the job could not put itself back in the queue."""
 
 
+def check_code_snapshot(env: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """Refuse to work with other code than the snapshot this job was submitted with.
+
+    The launcher puts the snapshot first on PYTHONPATH and starts Python with ``-P``; on Python
+    3.10 (no ``-P``) a ``cnncam`` folder in the job's working directory would still win.
+    """
+    expected = env.get(CODE_ENV)
+    if not expected:
+        return
+    from cnncam.launch.snapshot import source_root
+
+    here = source_root()
+    if here.resolve() != Path(expected).resolve():
+        raise LaunchError(
+            f"this job imports cnncam from {here}, not from the code snapshot it was submitted with "
+            f"({expected}); submit from another directory than a cnncam checkout, use Python >= 3.11, "
+            "or set slurm.snapshot_code=false"
+        )
+
+
 class StopHandlers:
     """Route USR2/SIGTERM into a StopFlag; after the loop stopped, requeue or exit."""
 
@@ -284,26 +304,6 @@ class ReportTask(LaunchTask):
         out = Path(self.out) if self.out else None
         # The whole config, as the CLI resolved it (--run folder, --set cam.out / data.root...).
         return "completed", build_report(self.cfg.run_dir, cams, out, self.cfg.report, self.cfg)
-
-
-def check_code_snapshot(env: dict[str, str] | os._Environ[str] = os.environ) -> None:
-    """Refuse to work with other code than the snapshot this job was submitted with.
-
-    The launcher puts the snapshot first on PYTHONPATH and starts Python with ``-P``; on Python
-    3.10 (no ``-P``) a ``cnncam`` folder in the job's working directory would still win.
-    """
-    expected = env.get(CODE_ENV)
-    if not expected:
-        return
-    from cnncam.launch.snapshot import source_root
-
-    here = source_root()
-    if here.resolve() != Path(expected).resolve():
-        raise LaunchError(
-            f"this job imports cnncam from {here}, not from the code snapshot it was submitted with "
-            f"({expected}); submit from another directory than a cnncam checkout, use Python >= 3.11, "
-            "or set slurm.snapshot_code=false"
-        )
 
 
 # ----------------------------------------------------------------------------------------------
