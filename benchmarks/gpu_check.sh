@@ -16,7 +16,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-WHEELS=(submitit cloudpickle typing_extensions pytest pluggy iniconfig packaging pytest-timeout)
+# submitit in the range cnncam is tested with (pyproject; cnncam/launch/submitit_api.py uses its private API).
+WHEELS=('submitit>=1.5,<1.6' cloudpickle typing_extensions pytest pluggy iniconfig packaging pytest-timeout)
 
 if [[ ${1:-} == --fetch-wheels ]]; then
     mkdir -p .whl

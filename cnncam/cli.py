@@ -330,7 +330,7 @@ def _submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _print_submitted(launcher, args.run if getattr(args, "run", None) else str(cfg.run_dir))
     if args.command in ("report", "pipeline") and not args.dry_run:
         out = Path(args.out) if getattr(args, "out", None) else RunPaths(cfg.run_dir).report
-        done = executor == "inline"
+        done = launcher.backend.in_process
         print(f"report: {out / 'index.html'}" + ("" if done else " (written when the job finishes)"))
     return 0
 
@@ -342,14 +342,19 @@ def _print_submitted(launcher: Launcher, run: str) -> None:
         print(f"dry run: nothing submitted ({len(launcher.submitted)} job(s) shown)")
         return
     for rec in launcher.submitted:
-        if rec.executor == "inline":
-            print(f"{rec.kind}: ran inline, {rec.state}")
+        if launcher.backend.in_process:
+            print(f"{rec.kind}: ran {rec.executor}, {rec.state}")
             continue
         what = f"array {rec.job_id} ({len(rec.tasks)} tasks)" if len(rec.tasks) > 1 else f"job {rec.job_id}"
         after = f", after {', '.join(rec.after)}" if rec.after else ""
         shards = f", shards {rec.shards}" if rec.shards else ""
         print(f"submitted {rec.kind}: {what}{shards}{after}")
-    if launcher.executor != "inline":
+    if launcher.snapshot is not None:
+        snap = launcher.snapshot
+        dirty = " + uncommitted changes (dirty.diff)" if snap.git.get("dirty") else ""
+        commit = f"git {str(snap.git['commit'])[:12]}{dirty}, " if snap.git.get("commit") else ""
+        print(f"code: jobs import cnncam from {snap.root} ({commit}{snap.files} files)")
+    if not launcher.backend.in_process:
         q = shlex.quote(run)
         print(
             f"recorded in {launcher.paths.jobs}; follow with:\n"

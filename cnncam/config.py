@@ -383,6 +383,9 @@ class SlurmConfig:
     setup: tuple[str, ...] = ()  # shell lines run before the job: module load, source venv
     signal_delay_s: int = 120  # USR2 this long before the time limit, to checkpoint
     max_requeues: int = 10
+    # Jobs import cnncam from a snapshot of the package taken at submission (<run>/code/<digest>/),
+    # not from the checkout as it is when they start; false: from the checkout (as before).
+    snapshot_code: bool = True
 
     def __post_init__(self) -> None:
         _positive("slurm.nodes", self.nodes)

@@ -226,7 +226,15 @@ def read_classes(paths: RunPaths) -> list[str]:
 
 
 def git_info(cwd: Path | None = None) -> dict[str, Any]:
-    """Commit and dirty flag of the code that runs (the cnncam checkout), if it is a git tree."""
+    """Commit and dirty flag of the code that runs: recorded in its code snapshot when this
+    process imports cnncam from one (a job), else read from the cnncam checkout, if it is one."""
+    if cwd is None:
+        from cnncam.launch.snapshot import running_snapshot
+
+        snap = running_snapshot()
+        git = snap.get("git") if snap is not None else None
+        if isinstance(git, dict):
+            return {"commit": git.get("commit"), "dirty": git.get("dirty")}
     cwd = cwd or Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
@@ -267,9 +275,12 @@ def slurm_ids() -> dict[str, str]:
     return {k.lower(): os.environ[k] for k in keys if k in os.environ}
 
 
-def provenance(seed: int) -> dict[str, Any]:
+def provenance(seed: int, run_dir: Path | None = None) -> dict[str, Any]:
+    """``run_dir`` given: the code's snapshot or uncommitted diff is recorded too (``git.diff``)."""
+    from cnncam.launch.snapshot import code_provenance
+
     return {
-        "git": git_info(),
+        "git": code_provenance(run_dir) if run_dir is not None else git_info(),
         "versions": package_versions(),
         "host": socket.gethostname(),
         "seed": seed,
@@ -280,7 +291,7 @@ def provenance(seed: int) -> dict[str, Any]:
 
 def write_provenance(paths: RunPaths, seed: int, resumed: bool) -> None:
     """provenance.json at the first start; later starts append to its ``restarts`` list."""
-    info = provenance(seed)
+    info = provenance(seed, paths.root)
     if resumed and paths.provenance.exists():
         prev = read_json(paths.provenance)
         prev.setdefault("restarts", []).append(

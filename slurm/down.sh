@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Tear down the cluster that slurm/up.sh started: cancel its jobs, then stop slurmd, slurmctld,
-# slurmdbd, MariaDB and munge by the PIDs recorded under $CNNCAM_SLURM_BASE/pids.
+# Tear down the cluster that slurm/up.sh started: cancel its jobs, then stop the slurmd of every
+# node, slurmctld, slurmdbd, MariaDB and munge by the PIDs recorded under $CNNCAM_SLURM_BASE/pids,
+# and remove the network namespaces, links and /etc/hosts lines of nodes n1, n2.
 # Safe to run twice and on a machine where up.sh never ran.  Leaves packages, /etc/slurm and
 # MariaDB's data in place (up.sh wipes the Slurm state and accounting DB on its next start).
 #
@@ -12,7 +13,7 @@ QUIET=0
 for arg in "$@"; do
     case $arg in
         --quiet) QUIET=1 ;;
-        -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
         *) echo "down.sh: unknown option $arg (valid: --quiet, --help)" >&2; exit 2 ;;
     esac
 done
@@ -64,8 +65,10 @@ if [[ -n $(pids_of slurmctld) ]] && timeout 5 scontrol ping 2>/dev/null | grep -
     fi
 fi
 
-for name in slurmd slurmctld slurmdbd mariadbd munged; do
-    for pid in $(pids_of "$name" | sort -u); do stop_pid "$name" "$pid"; done
+# slurmd-<node>: one per node (up.sh runs three); plain "slurmd" is what older up.sh versions recorded.
+slurmds=$(cd "$BASE" && for f in {pids,run}/slurmd.pid {pids,run}/slurmd-*.pid; do if [[ -e $f ]]; then basename "$f" .pid; fi; done | sort -u)
+for name in $slurmds slurmctld slurmdbd mariadbd munged; do
+    for pid in $(pids_of "$name" | sort -u); do stop_pid "${name%%-*}" "$pid"; done
     rm -f "$BASE/pids/$name.pid"
 done
 # Step daemons of jobs that were still ending when slurmd stopped.
@@ -74,5 +77,9 @@ for stat in /proc/[0-9]*/comm; do
     pid=${stat#/proc/}; pid=${pid%/comm}
     stop_pid slurmstepd "$pid"
 done
+# Namespaces, links and the /etc/hosts lines of nodes n1, n2 (slurm/multinode.sh).
+# shellcheck source=multinode.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/multinode.sh"
+mn_net_down
 rm -f "$BASE/conf.sha256"
 say "$(awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN { printf "cluster down in %.2f s", a - b }')"

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Bring up a real single-node Slurm cluster (munge + MariaDB + slurmdbd + slurmctld + slurmd)
-# without systemd, for tests, CI and laptops.  Run as root.  See slurm/README.md.
+# Bring up a real Slurm cluster on one machine (munge + MariaDB + slurmdbd + slurmctld + three
+# slurmd) without systemd, for tests, CI and laptops.  Run as root.  See slurm/README.md.
+# Node <hostname> serves partitions gpu (default) and cpu; nodes n1 and n2, each in its own
+# network and hostname namespace (a real link between them), serve the two-node partitions
+# mn, mncancel and mnurgent (preemption: mnurgent preempts the other two).
 #
 #   sudo slurm/up.sh            # install if needed, start, wait until usable (idempotent)
 #   sudo slurm/up.sh --fresh    # restart even when a healthy cluster is running (wipes jobs)
 #
 # Environment: CNNCAM_SLURM_BASE (default /var/tmp/cnncam-slurm) holds state, spool, logs,
 # PIDs and the fake GPU devices; CNNCAM_SLURM_CPUS (default 8) and CNNCAM_SLURM_GPUS (default 2)
-# are what the node advertises; CNNCAM_SLURM_TIMEOUT (default 60) bounds every wait in seconds.
+# are what the node advertises; CNNCAM_SLURM_TIMEOUT (default 60) bounds every wait in seconds;
+# CNNCAM_SLURM_NETNS=auto|no (default auto): no = n1, n2 share the host's network and name.
 set -euo pipefail
 
 BASE=${CNNCAM_SLURM_BASE:-/var/tmp/cnncam-slurm}
 CPUS=${CNNCAM_SLURM_CPUS:-8}
 GPUS=${CNNCAM_SLURM_GPUS:-2}
 WAIT_S=${CNNCAM_SLURM_TIMEOUT:-60}
+NETNS=${CNNCAM_SLURM_NETNS:-auto}
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 FRESH=0
@@ -22,7 +27,7 @@ MARK="# Written by cnncam slurm/up.sh"
 for arg in "$@"; do
     case $arg in
         --fresh) FRESH=1 ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "up.sh: unknown option $arg (valid: --fresh, --help)" >&2; exit 2 ;;
     esac
 done
@@ -39,6 +44,7 @@ phase() {  # print how long the phase that just ended took
 
 [[ $EUID -eq 0 ]] || die "run as root (it installs packages, writes /etc/slurm and starts daemons)"
 [[ $CPUS =~ ^[1-9][0-9]*$ && $GPUS =~ ^[0-9]+$ ]] || die "CNNCAM_SLURM_CPUS/GPUS must be integers"
+[[ $NETNS == auto || $NETNS == no ]] || die "CNNCAM_SLURM_NETNS must be auto or no, got '$NETNS'"
 
 mkdir -p "$BASE"
 chmod 755 "$BASE"
@@ -99,14 +105,24 @@ fi
 NODE=$(hostname -s)
 MEM_MB=$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 }' /proc/meminfo)
 GPU_LAST=$((GPUS - 1))
+# Memory is a consumable (and so an enforced) resource only on the two-node partitions: a job
+# there gets --mem (default: its share of the node per CPU), and OverMemoryKill ends it above that.
+MN_MEM="SelectTypeParameters=CR_Core_Memory DefMemPerCPU=$((MEM_MB / CPUS))"
 mkdir -p "$BASE"/{conf,state,spool,log,run,pids,dev}
 gres_line=""
 ((GPUS > 0)) && gres_line=" Gres=gpu:$GPUS"
 
+# The two extra nodes run in network namespaces when the kernel allows it (slurm/multinode.sh),
+# else on the host's network; the controller is then reached over the namespaces' bridge.
+# shellcheck source=multinode.sh
+source "$HERE/multinode.sh"
+mn_choose_mode  # sets MN_MODE (netns | shared), MN_WHY, CTLD_ADDR, MN_ADDR[1..2], MN_HOST[1..2]
+
 cat >"$BASE/conf/slurm.conf" <<EOF
 $MARK; regenerated on every start.
+# Nodes n1, n2: $MN_MODE network ($MN_WHY)
 ClusterName=cnncam
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$NODE($CTLD_ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -116,11 +132,12 @@ CredType=cred/munge
 # `scontrol reconfigure` is not enough).
 AuthInfo=cred_expire=5
 StateSaveLocation=$BASE/state
-SlurmdSpoolDir=$BASE/spool
+# %n: one spool, PID file and log per node (several slurmd on one host: MULTIPLE_SLURMD).
+SlurmdSpoolDir=$BASE/spool/%n
 SlurmctldPidFile=$BASE/run/slurmctld.pid
-SlurmdPidFile=$BASE/run/slurmd.pid
+SlurmdPidFile=$BASE/run/slurmd-%n.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
-SlurmdLogFile=$BASE/log/slurmd.log
+SlurmdLogFile=$BASE/log/slurmd-%n.log
 SlurmctldPort=6817
 SlurmdPort=6818
 MailProg=/bin/true
@@ -137,7 +154,14 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=6819
 JobAcctGatherType=jobacct_gather/linux
+# A step using more memory than --mem is killed (OUT_OF_MEMORY): no cgroups here, so it is polled.
+JobAcctGatherParams=OverMemoryKill
+JobAcctGatherFrequency=task=2
 JobCompType=jobcomp/none
+# Preemption by partition priority: mnurgent (tier 10) preempts mn (requeued) and mncancel
+# (cancelled).  gpu and cpu share one tier, so nothing on node $NODE is ever preempted.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 MpiDefault=none
 ReturnToService=2
 KillWait=5
@@ -145,6 +169,11 @@ GresTypes=gpu
 NodeName=$NODE NodeHostname=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB${gres_line} State=UNKNOWN
 PartitionName=gpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=cpu Nodes=$NODE MaxTime=INFINITE State=UP
+NodeName=n1 NodeHostname=${MN_HOST[1]} NodeAddr=${MN_ADDR[1]} Port=${MN_PORT[1]} CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB State=UNKNOWN
+NodeName=n2 NodeHostname=${MN_HOST[2]} NodeAddr=${MN_ADDR[2]} Port=${MN_PORT[2]} CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB State=UNKNOWN
+PartitionName=mn Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=1 $MN_MEM
+PartitionName=mncancel Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=CANCEL $MN_MEM
+PartitionName=mnurgent Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF $MN_MEM
 EOF
 
 {
@@ -172,14 +201,23 @@ EOF
 
 conf_sum=$(cat "$BASE"/conf/{slurm,gres,slurmdbd}.conf | sha256sum | cut -d' ' -f1)
 
+NODES=("$NODE" n1 n2)
+nodes_up() {  # every node answers: idle, mixed or allocated (a trailing * means not responding)
+    local states n
+    states=$(timeout 5 sinfo -h -N -o '%N %t' 2>/dev/null | sort -u) || return 1
+    for n in "${NODES[@]}"; do
+        grep -Eq "^$n (idle|mix|alloc)$" <<<"$states" || return 1
+    done
+}
 healthy() {
     local n
-    for n in munged mariadbd slurmdbd slurmctld slurmd; do
+    for n in munged mariadbd slurmdbd slurmctld "${NODES[@]/#/slurmd-}"; do
         local pid; pid=$(pid_of "$n") || return 1
         alive "$pid" || return 1
     done
     [[ -f $BASE/conf.sha256 && $(cat "$BASE/conf.sha256") == "$conf_sum" ]] || return 1
-    timeout 5 sinfo -h -N -o '%t' 2>/dev/null | grep -Eq '^(idle|mix|alloc)' || return 1
+    mn_net_ok || return 1
+    nodes_up || return 1
     timeout 5 sacct -n -X -S now >/dev/null 2>&1
 }
 
@@ -194,7 +232,7 @@ flock -u 9
 "$HERE/down.sh" --quiet
 flock -w "$WAIT_S" 9 || die "another up.sh/down.sh holds $BASE/.lock"
 phase "stop leftovers (down.sh)"
-for port in 6817 6818 6819; do
+for port in 6817 6818 6819 "${MN_PORT[1]}" "${MN_PORT[2]}"; do
     if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
         die "port $port is in use by a Slurm not started by this script; stop it first (ss -ltnp)"
     fi
@@ -223,6 +261,8 @@ if ! getent hosts "$NODE" >/dev/null; then
     say "added '127.0.0.1 $NODE' to /etc/hosts"
 fi
 phase "configuration"
+mn_net_up
+phase "network of n1, n2 ($MN_MODE)"
 
 # ----------------------------------------------------------------------------------------------
 # 3. Daemons.  Each one daemonizes itself; we record its PID under $BASE/pids.
@@ -273,9 +313,15 @@ record slurmctld "$BASE/run/slurmctld.pid"
 wait_for "slurmctld" "$BASE/log/slurmctld.log" sh -c "scontrol ping | grep -q UP"
 phase "slurmctld"
 
-slurmd </dev/null >"$BASE/log/slurmd.start" 2>&1 9>&- || die "slurmd did not start: $(tail -n 5 "$BASE/log/slurmd.start")"
-record slurmd "$BASE/run/slurmd.pid"
-wait_for "node $NODE idle" "$BASE/log/slurmd.log" sh -c "sinfo -h -N -o '%t' | grep -qx idle"
+slurmd -N "$NODE" </dev/null >"$BASE/log/slurmd.start" 2>&1 9>&- \
+    || die "slurmd did not start: $(tail -n 5 "$BASE/log/slurmd.start")"
+record "slurmd-$NODE" "$BASE/run/slurmd-$NODE.pid"
+for i in 1 2; do
+    mn_start_slurmd "$i" </dev/null >"$BASE/log/slurmd-n$i.start" 2>&1 9>&- \
+        || die "slurmd of n$i did not start: $(tail -n 5 "$BASE/log/slurmd-n$i.start")"
+    record "slurmd-n$i" "$BASE/run/slurmd-n$i.pid"
+done
+wait_for "nodes ${NODES[*]} idle" "$BASE/log/slurmctld.log" nodes_up
 # slurmctld registers the cluster with slurmdbd by itself; sacct answers once that is done.
 wait_for "sacct" "$BASE/log/slurmctld.log" sacct -n -X -S now
 echo "$conf_sum" >"$BASE/conf.sha256"
@@ -283,4 +329,5 @@ phase "slurmd + sacct"
 
 total=$(awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN { printf "%.2f", a - b }')
 say "cluster up in ${total} s: node $NODE, ${CPUS} CPUs, ${GPUS} fake GPUs, partitions gpu (default), cpu"
+say "nodes n1, n2 (${CPUS} CPUs each, no GPUs): partitions mn, mncancel, mnurgent; network: $MN_MODE ($MN_WHY)"
 sinfo

@@ -16,6 +16,7 @@ from train_helpers import StopAfter
 
 from cnncam.errors import CnncamError, LaunchError
 from cnncam.launch import jobs as J
+from cnncam.launch import slurm_state as SS
 from cnncam.launch import tasks as T
 from cnncam.launch.probe import ProbeTask, expected_value, next_value, run_probe
 from cnncam.runs import RunPaths
@@ -32,8 +33,12 @@ SACCT = """4|REQUEUED|00:00:01|vm
 """
 
 
+def _flat(tasks: dict[str, SS.SlurmTask]) -> dict[str, tuple[str, str, str, int | None]]:
+    return {k: (t.state, t.current.elapsed, t.current.node, t.restarts) for k, t in tasks.items()}
+
+
 def test_parse_sacct_expands_arrays_and_counts_requeues() -> None:
-    assert J.parse_sacct(SACCT) == {
+    assert _flat(SS.parse_sacct(SACCT)) == {
         "4": ("CANCELLED", "00:00:02", "vm", 1),
         "3_0": ("COMPLETED", "00:00:03", "vm", 0),
         "3_1": ("COMPLETED", "00:00:03", "vm", 0),
@@ -43,8 +48,8 @@ def test_parse_sacct_expands_arrays_and_counts_requeues() -> None:
 
 
 def test_expand_array_ranges() -> None:
-    assert J._expand("13_[1-3,5%2]") == ["13_1", "13_2", "13_3", "13_5"]
-    assert J._expand("13_4") == ["13_4"] and J._expand("13") == ["13"]
+    assert SS._expand("13_[1-3,5%2]") == ["13_1", "13_2", "13_3", "13_5"]
+    assert SS._expand("13_4") == ["13_4"] and SS._expand("13") == ["13"]
 
 
 def _record(kind: str, job_id: str, tasks: list[str], executor: str = "slurm", **kw: object) -> J.JobRecord:

@@ -10,6 +10,7 @@ import pytest
 from cnncam.config import SlurmConfig, load_config
 from cnncam.errors import ConfigError, LaunchError
 from cnncam.launch import params as P
+from cnncam.launch.submitit_api import sbatch_text
 
 GOLDEN = Path(__file__).parent / "golden"
 FOLDER = Path("/cluster/home/me/runs/demo/slurm/%j")
@@ -180,7 +181,7 @@ def test_train_sbatch_matches_golden() -> None:
         'extra_sbatch=["--exclusive", "--mail-type=END"]',
         'setup=["module load cuda/12.1", "source $HOME/venvs/cnncam/bin/activate"]',
     )
-    text = P.render_sbatch(P.slurm_parameters("train", cfg, "demo"), FOLDER, "python")
+    text = sbatch_text(P.slurm_parameters("train", cfg, "demo"), FOLDER, "python")
     _golden("train.sbatch", text)
     assert "#SBATCH --job-name='my exp'\"'\"'s-train'" in text  # quoted, one line
 
@@ -189,9 +190,7 @@ def test_cam_array_sbatch_matches_golden() -> None:
     cfg = _slurm(
         "partition=gpu", "gpus_per_node=4", "array_parallelism=2", "time_min=30", "signal_delay_s=60"
     )
-    text = P.render_sbatch(
-        P.slurm_parameters("cam", cfg, "demo", "afterok:41"), FOLDER, "python", array_size=5
-    )
+    text = sbatch_text(P.slurm_parameters("cam", cfg, "demo", "afterok:41"), FOLDER, "python", array_size=5)
     _golden("cam_array.sbatch", text)
     assert "#SBATCH --array=0-4%2" in text and "#SBATCH --gpus-per-node=1" in text
     assert "%A_%a_%t_log.out" in text

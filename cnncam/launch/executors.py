@@ -1,8 +1,12 @@
 """One submission path for every command: Slurm, local processes, or in-process (inline).
 
-:class:`Launcher` turns a list of tasks into one job (or one array), records it in
-``jobs.json`` and returns at once (submit and exit).  ``--dry-run`` prints the exact sbatch
-script instead and submits nothing.
+:class:`Launcher` turns a list of tasks into one job (or one array) through the backend of its
+executor (:mod:`cnncam.launch.backends`), records it in ``jobs.json`` and returns at once
+(submit and exit).  ``--dry-run`` prints the exact sbatch script instead and submits nothing.
+
+Jobs run the code they were submitted with: the first submission of a launcher call takes a
+snapshot of the package source into ``<run>/code/<digest>/`` (:mod:`cnncam.launch.snapshot`)
+and every job of that call imports cnncam from it (``slurm.snapshot_code``, default true).
 """
 
 from __future__ import annotations
@@ -15,42 +19,50 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from cnncam.config import SlurmConfig
-from cnncam.errors import CnncamError, ConfigError, LaunchError, choice_message
-from cnncam.launch import params as P
-from cnncam.launch.jobs import JobRecord, append_records
-from cnncam.launch.tasks import AfterOk, LaunchTask, LocalDep, state_file
+from cnncam.errors import CnncamError, LaunchError
+from cnncam.launch import submitit_api as S
+from cnncam.launch.backends import Backend, Submission, backend
+from cnncam.launch.records import JobRecord, append_records
+from cnncam.launch.snapshot import CodeSnapshot, source_root, take_snapshot
+from cnncam.launch.tasks import CODE_ENV, LaunchTask
 from cnncam.runs import RunPaths
 
 
 @contextlib.contextmanager
-def clean_slurm_env() -> Iterator[None]:
-    """Submit as from a fresh shell, even from inside a job.
+def clean_slurm_env(code: Path | None = None) -> Iterator[None]:
+    """Submit as from a fresh shell, even from inside a job, with ``code`` first on PYTHONPATH.
 
     A job submitted from a job inherits SLURM_* (and torch's RANK...) variables, which
     leak its allocation into the new one (submitit#1782); submitit's ``clean_env`` also
     hides SLURM_CONF, which a cluster may need to find its config (submitit#1814).
+    Jobs unpickle cnncam tasks: they import the code snapshot ``code`` (and ``CNNCAM_CODE``
+    lets them check it), or without one this very checkout, installed or not.  Slurm saves the
+    environment at submission, so a requeued job keeps both.
     """
-    from submitit.helpers import clean_env
-
     conf = os.environ.get("SLURM_CONF")
-    pythonpath = os.environ.get("PYTHONPATH")
-    # Jobs unpickle cnncam tasks: make them import this very checkout, installed or not.
-    root = str(Path(__file__).resolve().parents[2])
-    with clean_env():
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", CODE_ENV)}
+    pythonpath = saved["PYTHONPATH"]
+    root = str(code if code is not None else source_root())
+    with S.clean_env():
         if conf is not None:
             os.environ["SLURM_CONF"] = conf
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *([pythonpath] if pythonpath else [])])
+        if code is not None:
+            os.environ[CODE_ENV] = str(code)
+        else:
+            os.environ.pop(CODE_ENV, None)
         try:
             yield
         finally:
             os.environ.pop("SLURM_CONF", None)  # clean_env restores the original value
-            if pythonpath is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = pythonpath
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @dataclass
@@ -66,10 +78,12 @@ class Launcher:
     python: str | None = None  # how nodes start python; default: this interpreter
     out: TextIO = field(default_factory=lambda: sys.stdout)
     submitted: list[JobRecord] = field(default_factory=list)
+    # Taken at the first submission, shared by all of them; not copied by dataclasses.replace (a
+    # launcher for another run folder takes its own).
+    snapshot: CodeSnapshot | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        if self.executor not in P.EXECUTORS:
-            raise ConfigError(choice_message("executor", self.executor, P.EXECUTORS))
+        self.backend: Backend = backend(self.executor)
 
     @property
     def paths(self) -> RunPaths:
@@ -79,6 +93,11 @@ class Launcher:
     def folder(self) -> Path:
         # Absolute, as submitit makes it: the job's cwd must not matter for its log paths.
         return (self.paths.slurm_logs / "%j").absolute()
+
+    @property
+    def snapshots(self) -> bool:
+        """Whether this launcher's jobs run from a code snapshot."""
+        return self.backend.takes_snapshot and self.slurm.snapshot_code
 
     def submit(
         self,
@@ -91,122 +110,78 @@ class Launcher:
         """Submit ``tasks`` as one job (one task) or one array; wait for ``after`` (afterok)."""
         if not tasks:
             raise LaunchError(f"nothing to submit for {kind}")
+        sub = self._submission(kind, tasks, after, shards, num_shards)
         if self.dry_run:
-            rec = self._dry_run(kind, tasks, after)
-        elif self.executor == "slurm":
-            rec = self._submit_slurm(kind, tasks, after)
-        elif self.executor == "local":
-            rec = self._submit_local(kind, tasks, after)
+            self.out.write(self.backend.preview(sub))
+            placeholder = f"<{kind}-job-id>"
+            rec = JobRecord(
+                kind, self.executor, placeholder, [placeholder] * len(tasks), str(self.folder), sub.name
+            )
+            rec.after = sub.after_ids
         else:
-            rec = self._run_inline(kind, tasks, shards, num_shards)
-        rec.shards = list(shards) if shards is not None else None
-        rec.num_shards = num_shards
-        rec.command = self.command
-        rec.submitted = rec.submitted or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            rec = self.backend.submit(sub)
+        self._complete(rec, shards, num_shards)
         if not self.dry_run:
             append_records(self.paths, [rec])
         self.submitted.append(rec)
         return rec
 
-    # ------------------------------------------------------------------------------------------
-    def _params(self, kind: str, after: Sequence[JobRecord]) -> dict[str, Any]:
-        return P.slurm_parameters(kind, self.slurm, self.run_name, P.afterok(r.job_id for r in after))
+    def _complete(self, rec: JobRecord, shards: Sequence[int] | None, num_shards: int | None) -> None:
+        rec.shards = list(shards) if shards is not None else None
+        rec.num_shards = num_shards
+        rec.command = self.command
+        rec.submitted = rec.submitted or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if self.snapshot is not None:
+            rec.code = os.path.relpath(self.snapshot.root, self.run_dir)
+
+    def _submission(
+        self,
+        kind: str,
+        tasks: Sequence[LaunchTask],
+        after: Sequence[JobRecord],
+        shards: Sequence[int] | None,
+        num_shards: int | None,
+    ) -> Submission:
+        code = self._code()
+
+        def on_failure(rec: JobRecord) -> None:
+            self._complete(rec, shards, num_shards)
+            self._record_failed(kind, rec)
+
+        return Submission(
+            kind,
+            tasks,
+            after,
+            self.folder,
+            self.slurm,
+            self.run_name,
+            self._python(),
+            lambda: clean_slurm_env(code),
+            on_failure,
+        )
+
+    def _code(self) -> Path | None:
+        """The snapshot root jobs import from (taken once per launcher), or None."""
+        if not self.snapshots or self.dry_run:
+            return None
+        if self.snapshot is None:
+            self.snapshot = take_snapshot(self.run_dir)
+        return self.snapshot.root
 
     def _python(self) -> str:
-        return self.python or shlex.quote(sys.executable)
+        python = self.python or shlex.quote(sys.executable)
+        # -P: the job's working directory (often the checkout itself) must not shadow the snapshot
+        # on sys.path; Python 3.10 has no -P, and the job checks where it imports from instead.
+        if self.snapshots and self.python is None and sys.version_info >= (3, 11):
+            python += " -P"
+        return python
 
-    def _dry_run(self, kind: str, tasks: Sequence[LaunchTask], after: Sequence[JobRecord]) -> JobRecord:
-        placeholder = f"<{kind}-job-id>"
-        if self.executor == "slurm":
-            script = P.render_sbatch(self._params(kind, after), self.folder, self._python(), len(tasks))
-            array = f" (array of {len(tasks)} tasks)" if len(tasks) > 1 else ""
-            self.out.write(f"# --- sbatch script for {kind}{array}, job id {placeholder} ---\n{script}\n")
-        else:
-            deps = f", after {', '.join(r.job_id for r in after)}" if after else ""
-            self.out.write(f"# --- {kind}: {len(tasks)} task(s) with the {self.executor} executor{deps}\n")
-        return JobRecord(
-            kind,
-            self.executor,
-            placeholder,
-            [placeholder] * len(tasks),
-            str(self.folder),
-            P.job_name(kind, self.slurm, self.run_name),
-            after=[r.job_id for r in after],
-        )
-
-    def _submit_slurm(self, kind: str, tasks: Sequence[LaunchTask], after: Sequence[JobRecord]) -> JobRecord:
-        import submitit
-
-        executor = submitit.SlurmExecutor(
-            self.folder, max_num_timeout=self.slurm.max_requeues, python=self.python
-        )
-        params = self._params(kind, after)
-        executor.update_parameters(**params)
-        with clean_slurm_env():
-            try:
-                jobs = executor.submit_array(list(tasks))
-            except Exception as e:  # submitit raises FailedJobError/CalledProcessError with sbatch's text
-                raise LaunchError(f"sbatch refused the {kind} job: {e}") from None
-        ids = [j.job_id for j in jobs]
-        job_id = ids[0].split("_")[0]
-        return JobRecord(
-            kind, "slurm", job_id, ids, str(self.folder), params["job_name"], after=[r.job_id for r in after]
-        )
-
-    def _submit_local(self, kind: str, tasks: Sequence[LaunchTask], after: Sequence[JobRecord]) -> JobRecord:
-        import submitit
-        from submitit.core.utils import JobPaths
-
-        executor = submitit.LocalExecutor(self.folder, max_num_timeout=self.slurm.max_requeues)
-        executor.update_parameters(**P.local_parameters(kind, self.slurm))
-        deps = tuple(
-            LocalDep(int(pid), str(state_file(JobPaths(self.folder, job_id=pid).folder, pid)))
-            for r in after
-            for pid in r.tasks
-        )
-        # No --dependency locally: each task waits for its dependencies itself (AfterOk).
-        fns = [AfterOk(t, deps) if deps else t for t in tasks]
-        with clean_slurm_env():
-            ids = [executor.submit(fn).job_id for fn in fns]
-        name = P.job_name(kind, self.slurm, self.run_name)
-        return JobRecord(kind, "local", ids[0], ids, str(self.folder), name, after=[r.job_id for r in after])
-
-    def _run_inline(
-        self, kind: str, tasks: Sequence[LaunchTask], shards: Sequence[int] | None, num_shards: int | None
-    ) -> JobRecord:
-        r = P.resources(kind, self.slurm)
-        if r.nodes * r.tasks_per_node > 1:
-            raise ConfigError(
-                f"--executor inline runs one process, but {kind} asks for {r.nodes} node(s) x "
-                f"{r.tasks_per_node} task(s); use --executor local or slurm for several tasks"
-            )
-        rec = JobRecord(
-            kind,
-            "inline",
-            "inline",
-            ["inline"] * len(tasks),
-            str(self.folder),
-            P.job_name(kind, self.slurm, self.run_name),
-            shards=list(shards) if shards is not None else None,
-            num_shards=num_shards,
-            submitted=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            command=self.command,
-            state="RUNNING",
-        )
+    def _record_failed(self, kind: str, rec: JobRecord) -> None:
+        self.submitted.append(rec)
         try:
-            for task in tasks:
-                task()
-        except BaseException:
-            rec.state = "FAILED"
-            self.submitted.append(rec)
-            try:
-                append_records(self.paths, [rec])
-            except (OSError, CnncamError) as e:
-                # The task's own error is the one to show; this one is a footnote, not a chain.
-                print(
-                    f"warning: could not record the failed {kind} job in {self.paths.jobs}: {e}",
-                    file=sys.stderr,
-                )
-            raise
-        rec.state = "COMPLETED"
-        return rec
+            append_records(self.paths, [rec])
+        except (OSError, CnncamError) as e:
+            # The task's own error is the one to show; this one is a footnote, not a chain.
+            print(
+                f"warning: could not record the failed {kind} job in {self.paths.jobs}: {e}", file=sys.stderr
+            )

@@ -11,11 +11,9 @@ options must look like ``--key`` or ``--key=value``.  The setup block is shell c
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnncam.errors import ConfigError, LaunchError, choice_message
@@ -267,22 +265,3 @@ def afterok(job_ids: Iterable[str]) -> str | None:
     """``afterok:12:13`` (an array id waits for all its tasks), or None without dependencies."""
     ids = [str(j) for j in job_ids]
     return "afterok:" + ":".join(ids) if ids else None
-
-
-def submit_command(folder: Path, python: str) -> str:
-    """The command line submitit puts in the script (``SlurmExecutor._submitit_command_str``)."""
-    return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
-
-
-def render_sbatch(params: dict[str, Any], folder: Path, python: str, array_size: int = 1) -> str:
-    """The exact sbatch script submitit would submit, for ``--dry-run``.
-
-    submitit has no public API for this (anchors-launcher §1), so we call the private
-    function it uses itself; tests compare the result with a really submitted script.
-    """
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    kwargs = dict(params)
-    if array_size > 1:
-        kwargs["map_count"] = array_size
-    return str(_make_sbatch_string(command=submit_command(folder, python), folder=folder, **kwargs))

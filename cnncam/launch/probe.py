@@ -6,7 +6,8 @@ It follows the same contract as ``run_training``: state in the run directory, po
 :class:`StopFlag`, atomic save at a step boundary, "interrupted" or "completed".
 
 Files under ``<run>/probe/`` (suffix ``-<k>`` for shard k of an array):
-``state.json`` (rank 0's position and value), ``rank<r>.json`` (environment per task),
+``state.json`` (rank 0's position and value), ``rank<r>.json`` (environment, host and the
+folder cnncam was imported from, per task),
 ``part-<k>.json`` (a finished shard), ``merged.json`` (the merge of all parts).
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cnncam.errors import LaunchError
+from cnncam.launch.snapshot import source_root
 from cnncam.launch.tasks import LaunchTask
 from cnncam.runs import atomic_write_json
 from cnncam.stop import StopFlag
@@ -107,7 +109,10 @@ def run_probe(
         f"probe start: rank {rank}/{world} shard {shard} step {state['step']} restart {restart}", flush=True
     )
     info: dict[str, Any] = {k: os.environ[k] for k in ENV_KEYS if k in os.environ}
-    info.update(rank=rank, world_size=world, host=socket.gethostname(), pid=os.getpid())
+    # Where this task imports cnncam from: the run's code snapshot, unless slurm.snapshot_code=false.
+    info.update(
+        rank=rank, world_size=world, host=socket.gethostname(), pid=os.getpid(), cnncam=str(source_root())
+    )
     if allreduce:
         info["allreduce_sum"] = _allreduce_sum(rank + 1)
     atomic_write_json(root / f"rank{rank}{sfx}.json", info)

@@ -167,3 +167,45 @@ def running_snapshot() -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _relative(path: Path, run_dir: Path) -> str:
+    """``path`` relative to the run folder when it lies inside it (the run may move), else absolute."""
+    try:
+        return Path(path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def code_provenance(run_dir: Path) -> dict[str, Any]:
+    """The ``git`` entry of ``provenance.json``: which code this process runs.
+
+    From a snapshot (a Slurm or local job): its folder and digest, and the commit, dirty flag and
+    ``dirty.diff`` recorded when it was taken at submission.  From a checkout (inline runs,
+    ``slurm.snapshot_code=false``): the commit and dirty flag now, and the uncommitted diff of the
+    package saved as ``<run>/code/dirty-<hash>.diff`` so that the run says what it ran.
+    """
+    from cnncam.runs import atomic_write_text
+
+    root = source_root()
+    manifest = running_snapshot()
+    if manifest is not None:
+        recorded = manifest.get("git")
+        git: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+        diff = root / DIFF
+        return {
+            "commit": git.get("commit"),
+            "dirty": git.get("dirty"),
+            "snapshot": _relative(root, run_dir),
+            "digest": manifest.get("digest"),
+            "diff": _relative(diff, run_dir) if diff.is_file() else None,
+        }
+    git, diff_text = git_state(root)
+    info: dict[str, Any] = {**git, "snapshot": None, "digest": None, "diff": None}
+    if diff_text.strip():
+        data = diff_text.encode("utf-8", "surrogateescape")
+        path = Path(run_dir) / "code" / f"dirty-{hashlib.sha256(data).hexdigest()[:16]}.diff"
+        if not path.is_file():
+            atomic_write_text(path, data.decode("utf-8", "replace"))
+        info["diff"] = _relative(path, run_dir)
+    return info

@@ -13,7 +13,9 @@ checkpoint and returns "interrupted".  Then:
 
 * USR2 (``--signal`` before the time limit, or a preemption): rank 0 calls submitit's saved
   handler, which calls ``checkpoint()``, dumps the fresh task, runs ``scontrol requeue`` and
-  exits; other ranks exit without a result.
+  exits; other ranks exit without a result.  When that requeue fails (``scontrol`` missing on
+  the node, or refused), the task fails with :class:`RequeueFailed` in its state file, which
+  ``status`` turns into "checkpointed, but not requeued: resume by hand".
 * SIGTERM (``scontrol requeue`` or ``scancel``): Slurm itself requeues or cancels the job,
   so every rank just exits without writing a result.
 """
@@ -27,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -39,6 +42,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from cnncam.config import RunConfig
 from cnncam.errors import LaunchError
+from cnncam.launch import submitit_api as S
 from cnncam.runlock import hold_run
 from cnncam.runlock import pid_alive as pid_alive
 from cnncam.runs import atomic_write_json
@@ -47,16 +51,41 @@ from cnncam.stop import StopFlag
 log = logging.getLogger(__name__)
 
 TERMINATED_EXIT = 128 + signal.SIGTERM
+# Set by the launcher at submission (kept by Slurm across requeues): the code snapshot this job
+# must import cnncam from.
+CODE_ENV = "CNNCAM_CODE"
+
+
+class RequeueFailed(LaunchError):
+    """The checkpoint is on disk, but the job could not put itself back in the queue."""
+
+
+def check_code_snapshot(env: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """Refuse to work with other code than the snapshot this job was submitted with.
+
+    The launcher puts the snapshot first on PYTHONPATH and starts Python with ``-P``; on Python
+    3.10 (no ``-P``) a ``cnncam`` folder in the job's working directory would still win.
+    """
+    expected = env.get(CODE_ENV)
+    if not expected:
+        return
+    from cnncam.launch.snapshot import source_root
+
+    here = source_root()
+    if here.resolve() != Path(expected).resolve():
+        raise LaunchError(
+            f"this job imports cnncam from {here}, not from the code snapshot it was submitted with "
+            f"({expected}); submit from another directory than a cnncam checkout, use Python >= 3.11, "
+            "or set slurm.snapshot_code=false"
+        )
 
 
 class StopHandlers:
     """Route USR2/SIGTERM into a StopFlag; after the loop stopped, requeue or exit."""
 
     def __init__(self, stop: StopFlag) -> None:
-        from submitit import JobEnvironment
-
         self.stop = stop
-        self.usr = JobEnvironment._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+        self.usr = S.requeue_signal()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
         self.saved_usr = signal.getsignal(self.usr)
         self.signum: int | None = None
         signal.signal(self.usr, self._on_signal)
@@ -71,7 +100,10 @@ class StopHandlers:
         """Called once the work loop returned "interrupted" (its checkpoint is on disk)."""
         if self.signum == self.usr and callable(self.saved_usr):
             # Rank 0: checkpoint() + requeue + sys.exit.  Other ranks: it logs and returns.
-            self.saved_usr(self.usr, None)
+            try:
+                self.saved_usr(self.usr, None)
+            except (OSError, subprocess.SubprocessError) as e:  # `scontrol requeue` missing or refused
+                raise RequeueFailed(f"checkpoint saved, but the job could not requeue itself: {e}") from None
             raise SystemExit(0)
         raise SystemExit(TERMINATED_EXIT)
 
@@ -109,7 +141,16 @@ def state_file(folder: Path, job_id: str, rank: int = 0) -> Path:
     return Path(folder) / f"{job_id}_{rank}_state.json"
 
 
-def read_state(path: Path) -> str | None:
+@dataclass(frozen=True)
+class TaskState:
+    """What a task wrote about itself: its state, and the error that ended it."""
+
+    state: str
+    error: str = ""
+    host: str = ""
+
+
+def read_task_state(path: Path) -> TaskState | None:
     """The state a task recorded, or None (no file, or not one of ours).  Read bounded: the
     file is run-folder content, possibly foreign, and only plain JSON is ever parsed."""
     try:
@@ -117,17 +158,27 @@ def read_state(path: Path) -> str | None:
             raw = json.loads(f.read(65536))
     except (OSError, ValueError):
         return None
-    state = raw.get("state") if isinstance(raw, dict) else None
-    return state if state in TASK_STATES else None
+    if not isinstance(raw, dict) or raw.get("state") not in TASK_STATES:
+        return None
+    error, host = raw.get("error"), raw.get("host")
+    return TaskState(
+        raw["state"],
+        error[:2000] if isinstance(error, str) else "",
+        host[:200] if isinstance(host, str) else "",
+    )
+
+
+def read_state(path: Path) -> str | None:
+    """Only the state of :func:`read_task_state`."""
+    info = read_task_state(path)
+    return info.state if info is not None else None
 
 
 def _own_state_file() -> Path | None:
-    if os.environ.get("SUBMITIT_EXECUTOR") not in ("slurm", "local") or "SUBMITIT_FOLDER" not in os.environ:
+    if not S.in_job():
         return None
-    from submitit import JobEnvironment
-
-    env = JobEnvironment()
-    return state_file(env.paths.folder, env.job_id, env.global_rank)
+    folder, job_id, rank = S.job_identity()
+    return state_file(folder, job_id, rank)
 
 
 def _write_state(path: Path, state: str, error: str = "") -> None:
@@ -180,10 +231,10 @@ class LaunchTask(Checkpointable):
 
     def __call__(self) -> Any:
         stop = StopFlag()
-        in_job = os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local")
-        handlers = StopHandlers(stop) if in_job else None
+        handlers = StopHandlers(stop) if S.in_job() else None
         export_local_dist_env()
         with recorded_state(), self.lock():
+            check_code_snapshot()
             status, result = self.run(stop)
             if status == "interrupted" and handlers is not None:
                 handlers.finish_interrupted()

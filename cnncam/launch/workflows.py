@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cnncam.config import RunConfig
 from cnncam.errors import CnncamError, LaunchError
+from cnncam.launch.backends import backend, run_command
 from cnncam.launch.executors import Launcher
 from cnncam.launch.jobs import JobRecord, job_status, load_records
 from cnncam.launch.probe import ProbeMergeTask, ProbeTask, part_states
@@ -119,20 +120,29 @@ def retry_failed(launcher: Launcher, step: ShardedStep) -> list[JobRecord]:
 
 def _cancel_orphan_merges(launcher: Launcher, records: Sequence[JobRecord]) -> None:
     # A merge whose array failed stays PENDING (DependencyNeverSatisfied) forever: drop it.
-    merges = [r for r in records if r.kind == "merge" and r.executor == "slurm" and not launcher.dry_run]
-    pending = [row.job_id for row in job_status(merges, paths=launcher.paths) if row.state == "PENDING"]
-    if pending:
-        import subprocess
-
-        subprocess.run(["scancel", *pending], capture_output=True, text=True, timeout=60, check=False)
-        launcher.out.write(f"cancelled merge jobs left waiting on failed shards: {', '.join(pending)}\n")
+    if launcher.dry_run:
+        return
+    merges = [r for r in records if r.kind == "merge"]
+    pending = {row.job_id for row in job_status(merges, paths=launcher.paths) if row.state == "PENDING"}
+    cancelled = []
+    for rec in merges:
+        if pending & set(rec.tasks):
+            try:
+                cancelled += backend(rec.executor).cancel([rec], pending, run_command)
+            except LaunchError:
+                continue  # it ended meanwhile, or it was never ours to stop: the retry goes on
+    if cancelled:
+        launcher.out.write(f"cancelled merge jobs left waiting on failed shards: {', '.join(cancelled)}\n")
 
 
 def ensure_idle(launcher: Launcher, kinds: Sequence[str]) -> None:
     """Refuse to start a second writer of the same files (two trainings of one run directory)."""
     if launcher.dry_run:
         return
-    records = [r for r in load_records(launcher.paths) if r.kind in kinds and r.executor != "inline"]
+    # An in-process (inline) job is over by the time it is recorded.
+    records = [
+        r for r in load_records(launcher.paths) if r.kind in kinds and not backend(r.executor).in_process
+    ]
     rows = job_status(records, paths=launcher.paths)
     busy = [f"{row.job_id} ({row.kind}, {row.state})" for row in rows if not row.done]
     if busy:
