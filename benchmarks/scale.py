@@ -4,6 +4,7 @@ Run by hand (not a test), preferably niced on a shared machine::
 
     nice python benchmarks/scale.py --work /tmp/cnncam-scale                  # everything (hours on 2 cores)
     nice python benchmarks/scale.py --work /tmp/cnncam-scale --sizes 10000 --shards 1 100
+    python benchmarks/scale.py --work /tmp/s --sizes 100000 --shards 1 --export-only --set cam.num_workers=8
     python benchmarks/scale.py --work /tmp/cnncam-scale --table               # print the results table
 
 Synthetic 32 px shapes (4 classes) and a tiny ``simple_cnn`` (channels 8, 16; 1 epoch on 200
@@ -101,6 +102,8 @@ def _cfg(work: Path, n: int, *extra: str) -> Any:
         "model.channels=[8,16]",
         "train.epochs=1",
         *CAM,
+        # --set of the parent (e.g. cam.num_workers=8 on a GPU node, where decoding feeds the device)
+        *json.loads(os.environ.get("CNNCAM_SCALE_SET", "[]")),
         *extra,
     ]
     return load_config(None, overrides)
@@ -219,7 +222,10 @@ def main() -> int:
     p.add_argument("--shards", type=int, nargs="+", default=list(SHARDS))
     p.add_argument("--redo", nargs="*", default=[], help="forget cached results whose key starts with these")
     p.add_argument("--table", action="store_true", help="only print the results table")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides of the train and export steps")
+    p.add_argument("--export-only", action="store_true", help="measure the export; skip merge, read, report")
     args = p.parse_args()
+    os.environ["CNNCAM_SCALE_SET"] = json.dumps(args.set)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     store = work / "results.json"
@@ -250,6 +256,8 @@ def main() -> int:
             step(f"export/{n}/{s}", _me("export", work, n, s))
             size = sum(f.stat().st_size for f in folder.glob("part-*.h5"))
             res[f"export/{n}/{s}"]["part_bytes"] = size
+            if args.export_only:
+                continue
             common = ["--run", str(run), "--shards", str(s), "--executor", "inline"]
             common += ["--set", f"cam.out={folder}"]
             step(f"merge/{n}/{s}/virtual", _launch("merge", *common, "--set", "cam.consolidate=never"))

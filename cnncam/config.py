@@ -228,6 +228,7 @@ class TrainConfig:
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    # The device of training, the CAM export and the sanity checks (auto: a GPU when one is visible).
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 10  # iterations between metrics.jsonl lines
     sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under DDP on GPUs (CUDA only)

@@ -92,8 +92,9 @@ def export_shard(cfg: RunConfig, shard: int = 0, num_shards: int = 1, stop: Stop
     """
     setup_logging()
     stop = stop or StopFlag()
-    # No rank/Slurm mapping here: one export task, its GPU if it has one.
-    device = select_device("auto", DistInfo())
+    # No rank/Slurm mapping here: one export task on its GPU if it has one, unless the config pins
+    # the device (train.device is the run's one device key: cpu forces the CPU, cuda requires a GPU).
+    device = select_device(cfg.train.device, DistInfo())
     setup = _prepare(cfg, device)
     spec = PartSpec.for_shard(setup.run, len(setup.samples), shard, num_shards)
     aligned = tar_aligned_range([rel for rel, _ in setup.samples], shard, num_shards)

@@ -67,7 +67,7 @@ def run_sanity(cfg: RunConfig, permuted: Path | None = None, extra: Sequence[Map
     """
     setup_logging()
     sc = cfg.sanity
-    device = select_device("auto", DistInfo())
+    device = select_device(cfg.train.device, DistInfo())
     split = sc.split or cfg.cam.split
     cam_cfg = dataclasses.replace(cfg, cam=dataclasses.replace(cfg.cam, split=split))
     paths = RunPaths(cfg.run_dir)
