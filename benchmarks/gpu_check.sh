@@ -74,9 +74,26 @@ if ((SMOKE)); then
     cp "$SCALE_WORK/results.json" "$RESULTS/scale_gpu.json"
     exit 0
 fi
-stage pytest_gpu 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
-stage gpu_bench 150 "$PY" benchmarks/gpu_bench.py --out "$RESULTS/gpu_bench.json"
-# Decoding 10^5 PNGs feeds the GPU: 8 loader workers of the node's 16 cores.
-stage scale_gpu 180 "${SCALE[@]}" --sizes 100000 --shards 1 --set cam.num_workers=8 train.device=cuda
-cp "$SCALE_WORK/results.json" "$RESULTS/scale_gpu.json"
+STAGES=${GPU_CHECK_STAGES:-pytest_gpu gpu_bench scale_gpu demo_gpu}  # a subset reruns only those
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+want pytest_gpu && stage pytest_gpu 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+want gpu_bench && stage gpu_bench 150 "$PY" benchmarks/gpu_bench.py --out "$RESULTS/gpu_bench.json"
+if want scale_gpu; then
+    # Decoding 10^5 PNGs feeds the GPU: 8 loader workers of the node's 16 cores.
+    stage scale_gpu 180 "${SCALE[@]}" --sizes 100000 --shards 1 --set cam.num_workers=8 train.device=cuda
+    cp "$SCALE_WORK/results.json" "$RESULTS/scale_gpu.json"
+    stage scale_gpu_part 60 "$PY" benchmarks/gpu_inspect.py part "$SCALE_WORK/cams/n100000-s1/part-00000-of-00001.h5"
+fi
+if want demo_gpu; then
+    # The demo recipe trained on the GPU in both mixed precisions (channels_last), then its CAMs.
+    DEMO=$(mktemp -d)
+    "$PY" -m cnncam.data.synthetic --out "$DEMO/shapes" --classes 4 --per-class 150 --size 64 --seed 0 >/dev/null
+    for prec in fp16 bf16; do
+        sets=(data.root="$DEMO/shapes" runs_dir="$DEMO/runs" name=demo-$prec train.device=cuda
+            train.precision=$prec train.channels_last=true data.num_workers=4)
+        stage "demo_${prec}_train" 150 "$PY" jobs/launch.py train --config configs/demo.yaml --executor inline --set "${sets[@]}"
+        stage "demo_${prec}_cam" 90 "$PY" jobs/launch.py cam --run "$DEMO/runs/demo-$prec" --executor inline
+        stage "demo_${prec}_summary" 60 "$PY" benchmarks/gpu_inspect.py run "$DEMO/runs/demo-$prec"
+    done
+fi
 say "done; results in $RESULTS"
