@@ -89,9 +89,10 @@ if want demo_gpu; then
     DEMO=$(mktemp -d)
     "$PY" -m cnncam.data.synthetic --out "$DEMO/shapes" --classes 4 --per-class 150 --size 64 --seed 0 >/dev/null
     for prec in fp16 bf16; do
-        sets=(data.root="$DEMO/shapes" runs_dir="$DEMO/runs" name=demo-$prec train.device=cuda
-            train.precision=$prec train.channels_last=true data.num_workers=4)
-        stage "demo_${prec}_train" 150 "$PY" jobs/launch.py train --config configs/demo.yaml --executor inline --set "${sets[@]}"
+        sets=()
+        for kv in data.root="$DEMO/shapes" runs_dir="$DEMO/runs" name=demo-$prec train.device=cuda \
+            train.precision=$prec train.channels_last=true data.num_workers=4; do sets+=(--set "$kv"); done
+        stage "demo_${prec}_train" 150 "$PY" jobs/launch.py train --config configs/demo.yaml --executor inline "${sets[@]}"
         stage "demo_${prec}_cam" 90 "$PY" jobs/launch.py cam --run "$DEMO/runs/demo-$prec" --executor inline
         stage "demo_${prec}_summary" 60 "$PY" benchmarks/gpu_inspect.py run "$DEMO/runs/demo-$prec"
     done

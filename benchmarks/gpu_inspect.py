@@ -31,11 +31,13 @@ def part(path: Path) -> dict[str, object]:
                     "shape": list(f["cams"][method][layer].shape),
                     "nonzero_maps_first4096": float((np.abs(flat).max(axis=1) > 0).mean()),
                 }
-        if "metrics" in f:
-            for name in f["metrics"]:
-                for key in f["metrics"][name]:
-                    v = np.asarray(f["metrics"][name][key], dtype=np.float64)
-                    out[f"metrics/{name}/{key}"] = float(v[v >= 0].mean()) if (v >= 0).any() else None
+        if "metrics" in f:  # metrics/<method>/<layer>/<name>: the mean over items that have a value
+            for method in f["metrics"]:
+                for layer in f["metrics"][method]:
+                    for key in f["metrics"][method][layer]:
+                        v = np.asarray(f["metrics"][method][layer][key], dtype=np.float64)
+                        ok = v[v >= 0]
+                        out[f"metrics/{method}/{layer}/{key}"] = round(float(ok.mean()), 4) if ok.size else None
     return out
 
 

@@ -9,7 +9,8 @@ Run by hand (not a test), preferably niced on a shared machine::
 
 Synthetic 32 px shapes (4 classes) and a tiny ``simple_cnn`` (channels 8, 16; 1 epoch on 200
 images), so the model costs little and the storage path shows.  The data is drawn once (10^4
-distinct test images; every size hard-links them under as many distinct file names as it needs)
+distinct test images; every size copies them under as many distinct file names as it needs: not hard
+links, which data discovery lists once per real file)
 and every step is cached in ``--work/results.json``: a rerun skips what is done (``--redo``
 forgets it).
 
@@ -54,7 +55,8 @@ CAM = ["cam.methods=[gradcam]", "cam.metrics=false", "cam.activations=[]", "cam.
 
 def child_data(work: Path) -> dict[str, Any]:
     """Data roots ``data-<N>``: :data:`UNIQUE` test images per class drawn once (and the train and
-    val images), hard-linked under N distinct test file names (each decoded like any file)."""
+    val images), copied under N distinct test file names (each decoded like any file; hard links
+    would be one real file to data discovery, which lists each real file once)."""
     from cnncam.data.synthetic import image_rng, render_sample
 
     t0 = time.perf_counter()
@@ -83,7 +85,7 @@ def child_data(work: Path) -> dict[str, Any]:
                 (tmp / split / shape).mkdir(parents=True)
                 for i in range(keep):
                     src = unique / split / shape / f"{shape}_{i % per_class:06d}.png"
-                    os.link(src, tmp / split / shape / f"{shape}_{i:06d}.png")
+                    shutil.copyfile(src, tmp / split / shape / f"{shape}_{i:06d}.png")
         tmp.rename(root)
     return {"seconds": time.perf_counter() - t0, "draw_s": drawn}
 
