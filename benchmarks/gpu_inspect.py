@@ -37,7 +37,8 @@ def part(path: Path) -> dict[str, object]:
                     for key in f["metrics"][method][layer]:
                         v = np.asarray(f["metrics"][method][layer][key], dtype=np.float64)
                         ok = v[v >= 0]
-                        out[f"metrics/{method}/{layer}/{key}"] = round(float(ok.mean()), 4) if ok.size else None
+                        mean = round(float(ok.mean()), 4) if ok.size else None
+                        out[f"metrics/{method}/{layer}/{key}"] = mean
     return out
 
 
