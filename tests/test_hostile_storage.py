@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import html
 import json
 import os
@@ -410,6 +411,11 @@ def test_too_long_image_path_is_refused_before_any_file(trained: RunConfig, tmp_
     lines = split.read_text().splitlines()
     lines[1] = "x" * 540 + "/img.png," + lines[1].rsplit(",", 1)[1]
     split.write_text("\n".join(lines) + "\n")
+    # A crafted run: its manifest records the crafted split (else the split check refuses it first).
+    manifest = copy.run_dir / "splits" / "manifest.json"
+    recorded = json.loads(manifest.read_text())
+    recorded["sha256"]["splits/test.csv"] = hashlib.sha256(split.read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(recorded))
     out = tmp_path / "cams"
     with pytest.raises(SchemaError, match=r"is 548 bytes; the schema stores at most 511"):
         export_shard(with_cam(copy, out))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -155,3 +156,19 @@ def test_second_training_of_a_busy_run_is_refused(tmp_path: Path) -> None:
     assert len(load_records(RunPaths(cfg.run_dir))) == 1  # nothing submitted
     cli("cancel", "--run", str(cfg.run_dir))
     assert wait_done(cfg.run_dir, 30)[0].state == "CANCELLED"
+
+
+def test_local_jobs_of_a_launcher_that_ignores_sigint_can_be_cancelled(tmp_path: Path) -> None:
+    """`nohup launch.py ... &` (or a CI step) ignores SIGINT, and an ignored signal stays ignored
+    across exec: the local jobs must still be spawned so that `cancel` (SIGINT) stops them."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run = ("--set", f"runs_dir={tmp_path}", "--set", "name=n", "--steps", "500", "--step-s", "0.2")
+        cli("probe", "--executor", "local", *run)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the launcher's own is left alone
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    [rec] = load_records(RunPaths(tmp_path / "n"))
+    assert pid_alive(int(rec.job_id))
+    assert f"cancelled: {rec.job_id}" in cli("cancel", "--run", str(tmp_path / "n"))
+    assert wait_done(tmp_path / "n", 30)[0].state == "CANCELLED"

@@ -189,7 +189,7 @@ def _cfg(tmp_path: Path) -> Any:
     [
         (lambda c: TrainTask(c), "cnncam.train.trainer.run_training", "shared", None),
         (lambda c: CamShardTask(c, 0, 1), "cnncam.cam.export.export_shard", "exclusive", "shared"),
-        (lambda c: MergeTask(c, 1), "cnncam.cam.export.merge", "exclusive", "shared"),
+        (lambda c: MergeTask(c, 1), "cnncam.storage.runmerge.merge_run", "exclusive", "shared"),
     ],
 )
 def test_tasks_take_the_lock_before_any_work(

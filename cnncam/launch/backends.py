@@ -12,9 +12,10 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -187,7 +188,7 @@ class LocalBackend(Backend):
         )
         # No --dependency locally: each task waits for its dependencies itself (AfterOk).
         fns = [AfterOk(t, deps) if deps else t for t in sub.tasks]
-        with sub.env():
+        with sub.env(), _sigint_not_ignored():
             ids = [executor.submit(fn).job_id for fn in fns]
         return JobRecord(sub.kind, self.name, ids[0], ids, str(sub.folder), sub.name, after=sub.after_ids)
 
@@ -225,6 +226,25 @@ class LocalBackend(Backend):
                         os.kill(int(pid), signal.SIGINT)  # what submitit's LocalJob.cancel sends
                 cancelled.append(rec.job_id)
         return cancelled
+
+
+@contextlib.contextmanager
+def _sigint_not_ignored() -> Iterator[None]:
+    """``cancel`` stops a local job with SIGINT.  A launcher started in the background of a
+    non-interactive shell (``nohup ... &``, a CI step) ignores SIGINT, and an ignored signal stays
+    ignored across ``exec``: its local jobs could then never be cancelled.  Spawn them with the
+    default disposition (Python turns it into KeyboardInterrupt in the child)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if before is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, before)
 
 
 def _is_local_controller(pid: int) -> bool:
