@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -140,6 +141,20 @@ def umask() -> int:
     old = os.umask(0o022)
     os.umask(old)
     return old
+
+
+def file_sha256(f: BinaryIO) -> str:
+    """Hex SHA-256 of an open file's bytes from its current position (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    while block := f.read(1 << 20):
+        h.update(block)
+    return h.hexdigest()
+
+
+def path_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (checkpoints, weights, split files), streamed."""
+    with open(path, "rb") as f:
+        return file_sha256(f)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:

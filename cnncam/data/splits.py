@@ -15,7 +15,6 @@ is deterministic).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import zlib
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ import numpy as np
 
 from cnncam.config import SplitConfig
 from cnncam.errors import CnncamError, DataError
-from cnncam.runs import RunPaths, atomic_write_json, atomic_write_text, read_classes, read_json
+from cnncam.runs import RunPaths, atomic_write_json, atomic_write_text, path_sha256, read_classes, read_json
 
 Sample = tuple[str, int]  # (path relative to data root, POSIX separators; label)
 FileHash = tuple[int, int, str]  # (size, mtime_ns, blake2b-128 hex digest) of one image file
@@ -98,10 +97,6 @@ def _set_files(paths: RunPaths) -> dict[str, Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_index(index: DatasetIndex, paths: RunPaths) -> None:
     """Write the split's files, then the manifest that makes them a complete set."""
     # Unmark first: from here until the manifest is back, a kill leaves a split to write again.
@@ -114,7 +109,7 @@ def save_index(index: DatasetIndex, paths: RunPaths) -> None:
     rows = [(rel, *index.hashes[rel]) for rel in sorted(index.hashes)]
     atomic_write_text(paths.split_hashes, _csv(["path", "size", "mtime_ns", "blake2b"], rows))
     atomic_write_json(paths.split_duplicates, list(index.duplicates))
-    digests = {name: _sha256(path) for name, path in _set_files(paths).items()}
+    digests = {name: path_sha256(path) for name, path in _set_files(paths).items()}
     atomic_write_json(paths.split_manifest, {"version": 1, "sha256": digests})
 
 
@@ -146,7 +141,7 @@ def split_state(paths: RunPaths) -> tuple[SplitState, str]:
         for name, path in files.items():
             if not path.is_file():
                 return "changed", f"{path} is missing"
-            if recorded.get(name) != _sha256(path):
+            if recorded.get(name) != path_sha256(path):
                 return "changed", f"{path} differs from what {paths.split_manifest} records"
     except (CnncamError, KeyError, TypeError, AttributeError):
         return "changed", f"{paths.split_manifest} is not a split manifest"

@@ -13,7 +13,6 @@ fingerprint from the loaded model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from cnncam.config import CamConfig, RunConfig, to_dict
 from cnncam.console import setup_logging
 from cnncam.data.splits import load_index
 from cnncam.errors import CheckpointError, CnncamError, SchemaError
-from cnncam.runs import RunPaths, cams_dir, read_classes
+from cnncam.runs import RunPaths, cams_dir, path_sha256, read_classes
 from cnncam.storage import schema as S
 from cnncam.storage.merge import merge_parts, part_status
 
@@ -100,7 +99,7 @@ def run_fingerprint(cfg: RunConfig, out_dir: Path, num_shards: int) -> str:
     samples = load_index(paths, Path(cfg.data.root)).splits[cfg.cam.split]
     # An export-only run (issue 10) is described by its weights file, a trained run by its checkpoint.
     weights = Path(cfg.model.weights) if cfg.model.weights is not None else None
-    digest = _file_sha256(weights if weights is not None else resolve_checkpoint(cfg.cam, paths))
+    digest = path_sha256(weights if weights is not None else resolve_checkpoint(cfg.cam, paths))
     size = cfg.data.image_size
     computed: dict[str, str] = {}
     first = None
@@ -129,14 +128,6 @@ def run_fingerprint(cfg: RunConfig, out_dir: Path, num_shards: int) -> str:
             return computed[key]
         first = first or computed[key]
     return first or "no readable part"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _model_fields(path: Path) -> dict[str, Any] | None:

@@ -9,16 +9,15 @@ plain dict and numpy RNG state is converted to tensors.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 
 from cnncam.errors import CheckpointError
-from cnncam.runs import atomic_write
+from cnncam.runs import atomic_write, file_sha256
 from cnncam.typed_config import to_dict
 
 FORMAT_VERSION = 1
@@ -56,14 +55,6 @@ def load_checkpoint_and_sha256(
             f"checkpoint {str(path)!r} has format_version {version!r}; this cnncam reads {FORMAT_VERSION}"
         )
     return state, sha
-
-
-def file_sha256(f: BinaryIO) -> str:
-    """Hex SHA-256 of an open file's bytes from its current position (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    while block := f.read(1 << 20):
-        h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
