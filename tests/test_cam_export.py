@@ -271,3 +271,21 @@ def test_loader_workers_give_the_same_part(run: RunConfig, tmp_path: Path) -> No
     parallel = export_shard(with_cam(run, tmp_path / "parallel", num_workers=2, **kw))
     assert_same_part(serial, parallel)  # cam.num_workers is not part of the fingerprint
     assert np.isfinite(datasets(parallel)["samples/boxes"]).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_the_export_runs_on_the_configured_device(
+    run: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    """train.device is the run's one device key: `cpu` keeps the export on the CPU even where a GPU
+    is visible (the CUDA-vs-CPU comparison of tests/test_gpu.py relies on it)."""
+    import cnncam.cam.export as E
+
+    asked: list[str] = []
+    real = E.select_device
+    monkeypatch.setattr(
+        E, "select_device", lambda requested, dist: asked.append(requested) or real("cpu", dist)
+    )
+    cfg = dataclasses.replace(run, train=dataclasses.replace(run.train, device=device))
+    export_shard(with_cam(cfg, tmp_path / "cams"))
+    assert asked == [device]
