@@ -557,6 +557,49 @@ def test_resume_refusal_lists_eight_keys_then_counts() -> None:
     assert msg.count(" -> ") == 8 and "and 2 more)" in msg
 
 
+def test_resume_refusal_with_exactly_eight_keys_counts_nothing_more() -> None:
+    saved = to_dict(load_config(None, []))
+    keys = ["train.lr=0.5", "train.momentum=0.5", "train.weight_decay=0.5", "train.gamma=0.5"]
+    keys += ["train.min_lr=0.0001", "train.label_smoothing=0.5", "train.warmup_epochs=3", "train.step_size=3"]
+    with pytest.raises(CheckpointError) as err:
+        check_resume_config(to_dict(load_config(None, keys)), saved, "last.pt")
+    msg = str(err.value)
+    assert msg.count(" -> ") == 8 and "more)" not in msg
+
+
+def test_cosine_ends_at_min_lr_whatever_the_base_lr() -> None:
+    """min_lr is an absolute learning rate: the decay floor is min_lr / lr (the tests above use lr 1)."""
+    c = _schedule("train.lr=0.5", "train.scheduler=cosine", "train.min_lr=0.1")  # 40 steps
+    assert c.factor(40) == pytest.approx(0.2) and c.set_step(40) == pytest.approx(0.1)
+    args = ("train.lr=0.5", "train.scheduler=step", "train.step_size=1", "train.gamma=0.01")
+    assert _schedule(*args, "train.min_lr=0").set_step(35) == pytest.approx(0.5 * 0.01**3)
+    assert _schedule(*args, "train.min_lr=0.001").set_step(35) == pytest.approx(0.001)  # the floor
+
+
+def test_fp16_scaler_is_enabled_on_the_cpu_device() -> None:
+    """The scaler belongs to the device it runs on: a CUDA scaler on a CPU-only machine disables itself."""
+    prec = Precision("fp16", torch.device("cpu"))
+    assert prec.scaler.is_enabled() and prec.scaler.get_scale() > 1
+    assert not Precision("bf16", torch.device("cpu")).scaler.is_enabled()
+
+
+def test_checkpoints_are_read_with_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch >= 2.6 defaults to weights_only=True, but the clusters' torch >= 2.3 does not: pass it."""
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"model": {"w": torch.zeros(2)}})
+    seen: list[object] = []
+    real = torch.load
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("weights_only"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "load", spy)
+    load_checkpoint(path)
+    load_checkpoint_and_sha256(path)
+    assert seen == [True, True]
+
+
 def test_rng_state_restores_numpy_gaussian_cache_and_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     np.random.seed(0)
     np.random.standard_normal()  # legacy numpy caches the second normal of each pair

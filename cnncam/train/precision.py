@@ -20,7 +20,6 @@ DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "
 
 class Precision:
     def __init__(self, mode: str, device: torch.device) -> None:
-        self.mode = mode
         self.device_type = device.type
         self.dtype = DTYPES[mode]
         self.scaler = torch.amp.GradScaler(device.type, enabled=(mode == "fp16"))
