@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import get_args
 
 import numpy as np
@@ -181,6 +182,33 @@ def test_scorecam_matches_slow_per_channel_loop() -> None:
 def test_missing_inputs_raise_cam_error() -> None:
     acts = torch.rand(1, 2, 3, 3)
     targets = torch.zeros(1, 1, dtype=torch.long)
-    for method in ("gradcam", "cam", "scorecam"):
-        with pytest.raises(CamError, match=method):
+    for method in ("gradcam", "gradcam_pp", "xgradcam", "layercam", "hirescam"):
+        with pytest.raises(CamError, match=f"^method '{method}' needs gradients but none were computed$"):
             run_method(method, CamInputs(acts, targets))
+    with pytest.raises(CamError, match=r"^method 'cam' needs the linear head's weights \(GAP \+ Linear"):
+        run_method("cam", CamInputs(acts, targets))
+    with pytest.raises(CamError, match="^method 'scorecam' needs the input images and a forward function$"):
+        run_method("scorecam", CamInputs(acts, targets))
+    # Images alone are not enough: Score-CAM runs forward passes of the masked images.
+    with pytest.raises(CamError, match="^method 'scorecam' needs"):
+        run_method("scorecam", CamInputs(acts, targets, images=torch.rand(1, 3, 6, 6)))
+
+
+@pytest.mark.parametrize(
+    ("spelling", "ours"),
+    [
+        ("Grad-CAM", "gradcam"),
+        ("Layer CAM", "layercam"),
+        ("Score-CAM", "scorecam"),
+        ("gradcam++", "gradcam_pp"),
+    ],
+)
+def test_other_libraries_spellings_suggest_our_name(spelling: str, ours: str) -> None:
+    expected = f"unknown CAM method {spelling!r}; did you mean {ours!r}? Valid choices: "
+    with pytest.raises(CamError, match="^" + re.escape(expected)):
+        get_method(spelling)
+
+
+def test_an_unknown_name_lists_every_method() -> None:
+    with pytest.raises(CamError, match="^unknown CAM method 'nope' Valid choices: gradcam, gradcam_pp, "):
+        get_method("nope")
