@@ -48,6 +48,13 @@ def closest(value: str, choices: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def first_items(items: list[str], limit: int = 5, sep: str = ", ") -> str:
+    """The first ``limit`` of ``items`` joined, with a count of the rest: error messages stay a few
+    lines long whatever the input (1000 bad parts, 10^4 unexpected keys)."""
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
+
+
 def choice_message(what: str, value: object, choices: Iterable[str]) -> str:
     """``unknown model 'resnet81'; did you mean 'resnet18'? valid: a, b, c``."""
     choices = [str(c) for c in choices]

@@ -574,3 +574,15 @@ def test_damaged_cam_file_through_the_report_command_is_one_line(tmp_path: Path)
         "(char 1)); the file is damaged"
     ]
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_merge_names_ten_bad_parts_then_counts_the_rest(trained: RunConfig, tmp_path: Path) -> None:
+    """A 1000-task array whose parts are all foreign must not print 1000 paths: ten, then a count."""
+    out = tmp_path / "cams"
+    out.mkdir()
+    with pytest.raises(SchemaError) as err:
+        merge(with_cam(trained, out), 12)
+    msg = str(err.value)
+    assert msg.startswith("cannot merge: 12 of 12 parts are not complete: ")
+    assert msg.count("(missing") == 10 and "(and 2 more). Run the missing shards again" in msg
+    assert str(out / part_filename(9, 12)) in msg and str(out / part_filename(10, 12)) not in msg

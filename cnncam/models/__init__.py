@@ -26,10 +26,10 @@ from torch import nn
 
 from cnncam.config import MODEL_FORMS, REGISTERED_MODELS, ModelConfig
 from cnncam.errors import ModelError, choice_message, closest
+from cnncam.errors import first_items as _first
 from cnncam.models import zoo
 from cnncam.models.external import CAM_LAYER_ATTR, build_external, external_head
 from cnncam.models.simple import SimpleCNN, build_simple_cnn
-from cnncam.models.weights import first_items as _first
 from cnncam.models.weights import read_state_dict as read_state_dict
 
 __all__ = [

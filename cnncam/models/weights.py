@@ -19,19 +19,12 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from cnncam.errors import ModelError
+from cnncam.errors import ModelError, first_items
 
 # Prefixes added by DistributedDataParallel/DataParallel and torch.compile to saved keys
 # (nanoGPT's `unwanted_prefix = '_orig_mod.'` fix, generalised).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SAFETENSORS_SUFFIX = ".safetensors"
-_MAX_LISTED = 5
-
-
-def first_items(items: list[str]) -> str:
-    """The first few ``items`` joined, with a count of the rest."""
-    more = f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
-    return ", ".join(items[:_MAX_LISTED]) + more
 
 
 def read_weights_bytes(path: Path, what: str = "model.pretrained") -> bytes:

@@ -22,7 +22,7 @@ import h5py
 from cnncam.config import CamConfig, RunConfig, to_dict
 from cnncam.console import setup_logging
 from cnncam.data.splits import load_index
-from cnncam.errors import CheckpointError, CnncamError, SchemaError
+from cnncam.errors import CheckpointError, CnncamError, SchemaError, first_items
 from cnncam.runs import RunPaths, cams_dir, path_sha256, read_classes
 from cnncam.storage import schema as S
 from cnncam.storage.merge import merge_parts, part_status
@@ -53,10 +53,11 @@ def merge_run(cfg: RunConfig, num_shards: int) -> Path:
     """Validate the ``num_shards`` parts against the run and build ``cams.h5`` next to them.
 
     Parts of another run or config are refused by name, as are incomplete parts (one
-    :class:`SchemaError` lists them all, with their state: ``launch.py cam --retry-failed``
-    reruns them).  Every chunk of every part is read once (fletcher32).  ``cam.consolidate``:
-    ``auto`` copies the data into one file above ``CONSOLIDATE_ABOVE`` parts, ``always`` /
-    ``never`` force it either way (else ``cams.h5`` holds virtual datasets over the parts).
+    :class:`SchemaError` names the first ten with their state and counts the rest;
+    ``launch.py cam --retry-failed`` reruns them).  Every chunk of every part is read once
+    (fletcher32).  ``cam.consolidate``: ``auto`` copies the data into one file above
+    ``CONSOLIDATE_ABOVE`` parts, ``always`` / ``never`` force it either way (else ``cams.h5``
+    holds virtual datasets over the parts).
     """
     setup_logging()
     out_dir = cams_dir(cfg)
@@ -64,12 +65,16 @@ def merge_run(cfg: RunConfig, num_shards: int) -> Path:
     states = part_status(out_dir, num_shards, fingerprint)
     bad = [s for s in states if s.state != "complete"]
     if bad:
-        listed = "; ".join(
-            f"{out_dir / S.part_filename(s.shard_index, num_shards)} ({s.state}"
-            + (f", {s.n_committed} of {s.n_items} items" if s.state == "partial" else "")
-            + (f": {s.message}" if s.message else "")
-            + ")"
-            for s in bad
+        listed = first_items(
+            [
+                f"{out_dir / S.part_filename(s.shard_index, num_shards)} ({s.state}"
+                + (f", {s.n_committed} of {s.n_items} items" if s.state == "partial" else "")
+                + (f": {s.message}" if s.message else "")
+                + ")"
+                for s in bad
+            ],
+            limit=10,
+            sep="; ",
         )
         raise SchemaError(
             f"cannot merge: {len(bad)} of {num_shards} parts are not complete: {listed}. "
