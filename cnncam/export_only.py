@@ -22,7 +22,6 @@ mean/std come from timm's pretrained data config, except for keys the user set (
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,7 +124,7 @@ def create_export_run(cfg: RunConfig, classes_file: str | None, explicit: set[st
     from cnncam.data import save_index
     from cnncam.data.layouts import discover_all
     from cnncam.models.external import describe_factory
-    from cnncam.models.weights import read_weights_bytes
+    from cnncam.models.weights import weights_sha256
 
     if cfg.model.weights is None:
         raise ConfigError("an export-only run needs the model's weights: --weights FILE (model.weights)")
@@ -145,7 +144,7 @@ def create_export_run(cfg: RunConfig, classes_file: str | None, explicit: set[st
     if classes_file is None:
         raise ConfigError("an export-only run needs its class list: --classes FILE (one name per line)")
     classes = read_class_list(Path(classes_file))
-    digest = hashlib.sha256(read_weights_bytes(weights, "model.weights")).hexdigest()
+    digest = weights_sha256(weights)
     index = discover_all(cfg.data, classes, cfg.cam.split)
     if not index.splits[cfg.cam.split]:
         raise DataError(f"no usable image for split {cfg.cam.split!r} under {cfg.data.root}")
@@ -178,9 +177,9 @@ def _reuse(cfg: RunConfig, paths: RunPaths, classes_file: str | None) -> RunConf
         )
     if classes_file is not None and read_class_list(Path(classes_file)) != read_classes(paths):
         raise ConfigError(f"{paths.root} was created with another class list; use a new --name")
-    from cnncam.models.weights import read_weights_bytes
+    from cnncam.models.weights import weights_sha256
 
-    digest = hashlib.sha256(read_weights_bytes(Path(str(cfg.model.weights)), "model.weights")).hexdigest()
+    digest = weights_sha256(Path(str(cfg.model.weights)))
     if read_json(paths.provenance).get("weights_sha256") != digest:
         raise ConfigError(f"{cfg.model.weights} changed since {paths.root} was created; use a new --name")
     return dataclasses.replace(saved, cam=cfg.cam, report=cfg.report, slurm=cfg.slurm)

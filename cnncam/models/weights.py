@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from cnncam.errors import ModelError, first_items
+from cnncam.runs import path_sha256
 
 # Prefixes added by DistributedDataParallel/DataParallel and torch.compile to saved keys
 # (nanoGPT's `unwanted_prefix = '_orig_mod.'` fix, generalised).
@@ -27,11 +28,20 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
-def read_weights_bytes(path: Path, what: str = "model.pretrained") -> bytes:
-    """The file's bytes; :class:`ModelError` naming ``what`` when it is missing."""
+def _require(path: Path, what: str) -> Path:
     if not path.is_file():
         raise ModelError(f"{what} file {str(path)!r} does not exist (weights are never downloaded)")
-    return path.read_bytes()
+    return path
+
+
+def read_weights_bytes(path: Path, what: str = "model.pretrained") -> bytes:
+    """The file's bytes; :class:`ModelError` naming ``what`` when it is missing."""
+    return _require(path, what).read_bytes()
+
+
+def weights_sha256(path: Path, what: str = "model.weights") -> str:
+    """SHA-256 of a weights file, streamed (no copy of a multi-GB file in memory just to hash it)."""
+    return path_sha256(_require(path, what))
 
 
 def read_state_dict(path: Path, what: str = "model.pretrained") -> OrderedDict[str, torch.Tensor]:
