@@ -30,8 +30,8 @@ from cnncam.launch.tasks import (
     AfterOk,
     LaunchTask,
     LocalDep,
+    TaskState,
     pid_alive,
-    read_state,
     read_task_state,
     state_file,
 )
@@ -198,8 +198,8 @@ class LocalBackend(Backend):
 
             def row(i: int, tid: str, rec: JobRecord = rec) -> TaskStatus:
                 index, shard = _where(rec, i)
-                state = self._state(rec, tid, paths) if tid.isdigit() else (rec.state or "UNKNOWN")
                 own = read_task_state(state_file(task_folder(paths, tid), tid)) if paths is not None else None
+                state = self._state(rec, tid, own) if tid.isdigit() else (rec.state or "UNKNOWN")
                 detail, next_step = explain(rec, state, None, own, paths)
                 return TaskStatus(rec.kind, tid, index, shard, state, "", "localhost", 0, detail, next_step)
 
@@ -207,14 +207,13 @@ class LocalBackend(Backend):
         return rows
 
     @staticmethod
-    def _state(rec: JobRecord, pid: str, paths: RunPaths | None) -> str:
-        # PIDs and the state file the task wrote: never submitit's result pickle, which would
-        # run code from the run folder (issue 9, B1).
+    def _state(rec: JobRecord, pid: str, own: TaskState | None) -> str:
+        # PIDs and the state file the task wrote (``own``): never submitit's result pickle, which
+        # would run code from the run folder (issue 9, B1).
         if pid_alive(int(pid)):
             return "RUNNING"
-        state = read_state(state_file(task_folder(paths, pid), pid)) if paths is not None else None
-        if state in ("COMPLETED", "FAILED", "CANCELLED"):
-            return state
+        if own is not None and own.state in ("COMPLETED", "FAILED", "CANCELLED"):
+            return own.state
         return "CANCELLED" if rec.cancelled else "FAILED"
 
     def cancel(self, records: Sequence[JobRecord], active: set[str], run: Runner) -> list[str]:
